@@ -1,0 +1,102 @@
+"""Layers shared by the star-jax models: mixed-precision Dense, LayerNorm and attention.
+
+Mixed precision follows DESIGN.md §3: params stay f32; matmul inputs are cast to the compute dtype and
+accumulate in f32 (`preferred_element_type=jnp.float32`), the fast and numerically sound choice on CPU,
+GPU and TPU alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+xavier_uniform = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros_init()
+ones = nn.initializers.ones_init()
+
+
+def as_dtype(name: str | Dtype) -> Dtype:
+  """'float32' / 'bfloat16' (config strings) or a dtype -> a jnp dtype."""
+  return jnp.dtype(name) if isinstance(name, str) else name
+
+
+def mp_matmul(x: jax.Array, kernel: jax.Array, dtype: Dtype) -> jax.Array:
+  """x[..., k] @ kernel[k, n] with inputs in `dtype` and an f32 accumulator/result."""
+  return jax.lax.dot_general(
+      x.astype(dtype), kernel.astype(dtype),
+      (((x.ndim - 1,), (0,)), ((), ())),
+      preferred_element_type=jnp.float32)
+
+
+class Dense(nn.Module):
+  """Linear layer over the last axis: (..., in) -> (..., features), result in f32.
+
+  `axes` names the kernel's (in, out) logical axes; the bias takes the out axis.
+  """
+  features: int
+  axes: tuple[str | None, str | None] = ("embed", "mlp")
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  kernel_init: Initializer = xavier_uniform
+  bias_init: Initializer = zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+        (x.shape[-1], self.features), jnp.float32)
+    y = mp_matmul(x, kernel, self.dtype)
+    if self.use_bias:
+      bias = self.param(
+          "bias", nn.with_logical_partitioning(self.bias_init, (self.axes[1],)),
+          (self.features,), jnp.float32)
+      y = y + bias
+    return y
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis, computed in f32; optional affine named on `axis`."""
+  eps: float = 1e-5
+  use_scale: bool = True
+  use_bias: bool = True
+  axis: str | None = "embed"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    d = x.shape[-1]
+    if self.use_scale:
+      y = y * self.param("scale", nn.with_logical_partitioning(ones, (self.axis,)), (d,), jnp.float32)
+    if self.use_bias:
+      y = y + self.param("bias", nn.with_logical_partitioning(zeros, (self.axis,)), (d,), jnp.float32)
+    return y
+
+
+def attention(q_bqhd: jax.Array, k_bkhd: jax.Array, v_bkhd: jax.Array,
+              mask_bk: jax.Array | None = None, dtype: Dtype = jnp.float32) -> jax.Array:
+  """Scaled dot-product attention with an optional key padding mask -> (B, Q, H, Dh) f32.
+
+  Scores and softmax are f32; the two matmuls take `dtype` inputs with f32 accumulation.
+  """
+  scale = q_bqhd.shape[-1] ** -0.5
+  scores = jnp.einsum("bqhd,bkhd->bhqk", (q_bqhd * scale).astype(dtype), k_bkhd.astype(dtype),
+                      preferred_element_type=jnp.float32)
+  if mask_bk is not None:
+    scores = jnp.where(mask_bk[:, None, None, :].astype(bool), scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v_bkhd.astype(dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Logical sharding constraint on an activation (a no-op outside a mesh / rules context)."""
+  return nn.with_logical_constraint(x, tuple(names))

@@ -1,0 +1,144 @@
+"""All mesh code: the device mesh, logical-axis rules, param and batch shardings, global batches.
+
+Models speak only logical axis names (`batch`, `length`, `embed`, `mlp`, `heads`, `kv`, `conv_in`,
+`conv_out`, `vocab`); the config's `logical_axis_rules` maps them onto the mesh axes
+(`data`, `fsdp`, `tensor`). A mesh axis serves at most one dimension of an array: a later rule for the
+same logical name is the fallback when the first one's mesh axis is taken (e.g. activations' `embed`
+when `batch` already uses `fsdp`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from star_jax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+Rules = tuple[tuple[str, Any], ...]
+
+
+def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """Resolve {'data': -1, 'fsdp': 2, 'tensor': 1} against the device count (-1 fills the rest)."""
+  unknown = set(mesh_cfg) - set(MESH_AXES)
+  if unknown:
+    raise UserError(f"mesh: unknown axis {sorted(unknown)}; the axes are {MESH_AXES}")
+  sizes = {a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}
+  fill = [a for a, s in sizes.items() if s == -1]
+  if len(fill) > 1:
+    raise UserError(f"mesh: only one axis may be -1, got {fill}")
+  if any(s == 0 or s < -1 for s in sizes.values()):
+    raise UserError(f"mesh: sizes must be positive or -1, got {sizes}")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if fill:
+    if num_devices % fixed:
+      raise UserError(f"mesh: {num_devices} devices are not divisible by the fixed axes {sizes} "
+                       f"(product {fixed}); change config.mesh")
+    sizes[fill[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise UserError(f"mesh: {sizes} needs {fixed} devices but {num_devices} are present; "
+                     f"set one axis to -1 or change config.mesh")
+  return sizes
+
+
+def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh with Auto axis types over `devices` (default: all devices)."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_shape(mesh_cfg, len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def logical_rules(rules_cfg: Sequence[Sequence[Any]]) -> Rules:
+  """Config rules (lists, as ConfigDict stores them) -> flax's tuple-of-pairs form."""
+  out = []
+  for name, target in rules_cfg:
+    if isinstance(target, (list, tuple)):
+      target = tuple(target)
+      bad = [t for t in target if t not in MESH_AXES]
+    else:
+      bad = [] if target is None or target in MESH_AXES else [target]
+    if bad:
+      raise UserError(f"logical_axis_rules: '{name}' maps to unknown mesh axis {bad}; "
+                       f"use {MESH_AXES} or None")
+    out.append((str(name), target))
+  return tuple(out)
+
+
+def logical_specs(boxed_tree: Any) -> Any:
+  """Logical PartitionSpecs of a tree of (abstract) `nn.LogicallyPartitioned` leaves."""
+  return nn.get_partition_spec(boxed_tree)
+
+
+def tree_shardings(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
+  """NamedShardings for every leaf of a boxed tree; unannotated leaves are replicated."""
+  return nn.logical_to_mesh_sharding(logical_specs(boxed_tree), mesh, rules)
+
+
+def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *args) -> tuple[Any, Any]:
+  """Build `init_fn(*args)` directly in its sharded layout -> (plain param tree, shardings).
+
+  Shapes first (`jax.eval_shape`), shardings from the logical rules, then `jax.jit(out_shardings=...)`,
+  so no device ever materialises the full tree.
+  """
+  abstract = jax.eval_shape(init_fn, *args)
+  shardings = nn.unbox(tree_shardings(abstract, mesh, rules))
+
+  def init_unboxed(*a):
+    return nn.unbox(init_fn(*a))
+
+  with nn.logical_axis_rules(rules):
+    tree = jax.jit(init_unboxed, out_shardings=shardings)(*args)
+  return tree, shardings
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over data and fsdp; all other axes replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_divisor(mesh: Mesh) -> int:
+  """How many ways the global batch is split (data × fsdp)."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+  """Fail before compilation when the batch cannot be split over the data axes."""
+  d = batch_divisor(mesh)
+  if global_batch_size % d:
+    raise UserError(f"batch size {global_batch_size} is not divisible by the data axes "
+                     f"data×fsdp = {d} of mesh {dict(mesh.shape)}; pick a multiple of {d}")
+
+
+def global_batch(local_batch: Any, mesh: Mesh) -> Any:
+  """This process's numpy batch (its slice of the global batch) -> global jax arrays on the mesh."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def place_on_mesh(tree: Any, mesh: Mesh) -> Any:
+  """Keep leaves already laid out on `mesh`; replicate every other leaf (e.g. optimizer step counts)."""
+  def place(x):
+    s = getattr(x, "sharding", None)
+    if isinstance(s, NamedSharding) and s.mesh == mesh:
+      return x
+    return jax.device_put(x, replicated(mesh))
+  return jax.tree.map(place, tree)
+
+
+def shardings_of(tree: Any) -> Any:
+  """The sharding of every leaf of a tree of jax Arrays."""
+  return jax.tree.map(lambda x: x.sharding, tree)

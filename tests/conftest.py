@@ -1,0 +1,54 @@
+"""Test set-up: 8 simulated CPU devices, offline Hugging Face, parsed absl flags, mesh fixtures."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_platforms", "cpu")
+
+import absl.flags  # noqa: E402
+import pytest  # noqa: E402
+
+# grain worker processes read absl flags; pytest never parses them.
+absl.flags.FLAGS.mark_as_parsed()
+
+from star_jax import sharding  # noqa: E402
+
+TEST_RULES = sharding.logical_rules([
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("length", None),
+    ("conv_in", "fsdp"),
+    ("conv_out", "tensor"),
+    ("vocab", None),
+])
+
+
+@pytest.fixture(scope="session")
+def mesh222():
+  """A 2x2x2 (data, fsdp, tensor) mesh over the 8 simulated devices."""
+  return sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+
+
+@pytest.fixture(scope="session")
+def mesh1():
+  """A single-device mesh: the unsharded reference."""
+  return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="session")
+def rules():
+  return TEST_RULES
+
+
+def torch_or_skip():
+  """Import torch, or skip the calling test cleanly when it is not installed."""
+  return pytest.importorskip("torch")
