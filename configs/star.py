@@ -54,8 +54,9 @@ def _vae(variant: str) -> dict:
     return dict(sample_rate_hz=24000, audio_channels=1, encoder_hidden_size=128, decoder_channels=128,
                 channel_multiples=(1, 2, 4, 8), downsampling_ratios=(2, 4, 6, 10), latent_channels=128,
                 dtype="bfloat16")
+  # 16 kHz, 320x -> the same 50 latent frames/s as the paper's 24 kHz / 480x.
   return dict(sample_rate_hz=16000, audio_channels=1, encoder_hidden_size=16, decoder_channels=16,
-              channel_multiples=(1, 2, 4), downsampling_ratios=(2, 4, 5), latent_channels=16,
+              channel_multiples=(1, 2, 4, 8), downsampling_ratios=(2, 4, 5, 8), latent_channels=16,
               dtype="float32")
 
 
