@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import numpy as np
 
@@ -51,7 +52,9 @@ def load_audio(path: str, rate_hz: int, *, max_duration_s: float | None = None) 
     try:  # mp3/m4a and other formats soundfile lacks
       import librosa
 
-      wave, src_rate = librosa.load(path, sr=None, mono=True)
+      with warnings.catch_warnings():  # librosa warns on every fallback to audioread
+        warnings.simplefilter("ignore")
+        wave, src_rate = librosa.load(path, sr=None, mono=True)
     except Exception:  # noqa: BLE001
       raise AudioError(f"unreadable: {type(sf_error).__name__}: {str(sf_error)[:120]}") from None
   wave = to_mono(wave)
