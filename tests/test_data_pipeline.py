@@ -129,3 +129,21 @@ def test_unknown_split_is_a_user_error(dataset):
 
   with pytest.raises(UserError, match="no split 'valid'"):
     _iter(dataset[0], split="valid")
+
+
+def test_orbax_checkpoint_manager_saves_and_restores_the_iterator(dataset, tmp_path):
+  grain = pytest.importorskip("grain")
+  ocp = pytest.importorskip("orbax.checkpoint")
+  path, _ = dataset
+  it = _iter(path, seed=1)
+  next(it)
+  mgr = ocp.CheckpointManager(str(tmp_path / "ckpt"), item_names=("data",),
+                              item_handlers={"data": grain.checkpoint.CheckpointHandler()})
+  mgr.save(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+  mgr.wait_until_finished()
+  want = next(it)
+  restored = _iter(path, seed=1)
+  mgr.restore(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+  got = next(restored)
+  assert list(got["id"]) == list(want["id"])
+  np.testing.assert_array_equal(got["audio"], want["audio"])
