@@ -227,3 +227,19 @@ def test_opensfx_records(monkeypatch):
   a, b = (opensfx._STATE["waves"][k] for k in mixture.clips)
   assert recs[1]["audio"].shape[0] > a.shape[0] + b.shape[0]  # b follows a after a gap
   assert recs[1]["text_emb"].shape == (len(mixture.caption.split()), 8)
+
+
+def test_a_tts_failure_skips_only_its_item(monkeypatch):
+  from star_jax.data import audiocaps
+
+  class Flaky:
+    def synthesize(self, texts, seed=0):
+      if any("boom" in t for t in texts):
+        raise RuntimeError("cannot say boom")
+      return [tts.Utterance(np.ones(1600, np.float32), "fake") for _ in texts]
+
+  wave = np.ones(16000, np.float32)
+  monkeypatch.setattr(audiocaps, "_STATE", dict(tts=Flaky(), seed=0, num_labels=3, text_dim=0))
+  good = [(dict(id=i, caption=c), wave, [0], f"{i}.wav") for i, c in (("a", "a dog"), ("b", "boom"))]
+  recs, skipped = audiocaps._finish(good, [])
+  assert [r["id"] for r in recs] == ["a"] and skipped == [dict(id="b", reason="tts failed: RuntimeError: cannot say boom")]

@@ -103,6 +103,14 @@ def init_worker(settings: dict[str, Any]) -> None:
                            sample_rate_hz=settings["speech_rate_hz"], **settings["tts_kwargs"])
 
 
+def _speak_one(caption: str, seed: int):
+  """One caption's Utterance, or the skip reason when the TTS fails on it."""
+  try:
+    return _STATE["tts"].synthesize([caption], seed=seed)[0]
+  except Exception as e:  # noqa: BLE001
+    return f"tts failed: {type(e).__name__}: {str(e)[:120]}"
+
+
 def build_records(items: Sequence[dict[str, str]]) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
   """Items -> (records, skipped with reasons); a `shards.Builder`."""
   s = _STATE
@@ -121,12 +129,24 @@ def build_records(items: Sequence[dict[str, str]]) -> tuple[list[dict[str, Any]]
       skipped.append(dict(id=item["id"], reason=str(e)))
       continue
     good.append((item, wave, label_ids, os.path.relpath(path, s["audio_dir"])))
+  return _finish(good, skipped)
+
+
+def _finish(good: list[tuple], skipped: list[dict[str, str]]) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+  """Speaks the captions of the usable items and assembles their records."""
+  s = _STATE
   if not good:
     return [], skipped
   seed = (s["seed"] * 1_000_003 + zlib.crc32(good[0][0]["id"].encode())) % 2**31
-  speech = s["tts"].synthesize([g[0]["caption"] for g in good], seed=seed)
+  try:
+    speech = s["tts"].synthesize([g[0]["caption"] for g in good], seed=seed)
+  except Exception:  # noqa: BLE001 - find the caption that broke the batch, keep the rest
+    speech = [_speak_one(g[0]["caption"], seed + i) for i, g in enumerate(good)]
   records = []
   for (item, wave, label_ids, rel), utt in zip(good, speech):
+    if isinstance(utt, str):
+      skipped.append(dict(id=item["id"], reason=utt))
+      continue
     if utt.wave.size == 0 or float(np.max(np.abs(utt.wave))) == 0.0:
       skipped.append(dict(id=item["id"], reason="tts produced no speech"))
       continue

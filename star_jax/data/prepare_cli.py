@@ -104,6 +104,8 @@ def run_opensfx(args: argparse.Namespace) -> int:
                         text_dim=args.text_dim, credits=opensfx.credits(clips))
     report["splits"][split] = {k: summary[k] for k in ("records", "audio_s", "speech_s", "voices", "shards",
                                                        "shards_written_now")}
+  report["records"] = sum(s["records"] for s in report["splits"].values())
+  report["audio_s"] = round(sum(s["audio_s"] for s in report["splits"].values()), 1)
   report["build_s"] = round(time.time() - start, 1)
   records.write_json(os.path.join(args.out, "report.json"), report)
   print(json.dumps(report, indent=1))
