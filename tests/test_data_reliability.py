@@ -1,12 +1,17 @@
 """Data reliability: corrupt or truncated shards are named or skipped (restore stays exact); bad prep input."""
 
+import json
 import os
+import re
+import shutil
 
 import numpy as np
 import pytest
+import soundfile as sf
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from star_jax.data import pipeline, records
+from star_jax import cli
+from star_jax.data import audio, audiocaps, pipeline, records
 from star_jax.data.source import BadRecordError
 
 NUM_SHARDS, PER_SHARD = 3, 6
@@ -146,3 +151,138 @@ def test_worker_processes_report_the_bad_record(tmp_path):
   _write(path, {4: b"garbage"})
   with pytest.raises(Exception, match=r"00000-of-00003 record 4"):
     _epoch_ids(_iter(path, shuffle=False, num_workers=1))
+
+
+# --- prepare on bad input -------------------------------------------------------------------------------------
+
+HAS_ESPEAK = shutil.which("espeak-ng") is not None
+
+
+def _tone(seconds, rate, channels=1):
+  t = np.arange(int(seconds * rate)) / rate
+  wave = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+  return np.stack([wave] * channels, 1) if channels > 1 else wave
+
+
+@pytest.fixture(scope="module")
+def bad_clips(tmp_path_factory):
+  """(clips dir, {name: expected skip reason or None (kept)}) for every kind of bad input file."""
+  clips = tmp_path_factory.mktemp("bad") / "clips"
+  clips.mkdir()
+  rng = np.random.default_rng(0)
+  (clips / "random.wav").write_bytes(rng.bytes(5000))
+  (clips / "random.mp3").write_bytes(rng.bytes(5000))
+  (clips / "empty.wav").write_bytes(b"")
+  sf.write(clips / "zero.wav", np.zeros(0, np.float32), 16000)
+  nan = _tone(2.0, 16000)
+  nan[100] = np.nan
+  sf.write(clips / "nan.wav", nan, 16000, subtype="FLOAT")
+  sf.write(clips / "eight.wav", _tone(2.0, 22050, channels=8), 22050)
+  sf.write(clips / "low.wav", _tone(2.0, 8000), 8000)
+  sf.write(clips / "high.flac", _tone(2.0, 96000), 96000)
+  sf.write(clips / "hour.wav", np.tile(_tone(1.0, 2000), 3600), 2000, subtype="PCM_16")  # an hour at 2 kHz: 14 MB
+  return clips, {"random.wav": "unreadable", "random.mp3": "unreadable", "empty.wav": "unreadable: empty file",
+          "zero.wav": "too short", "nan.wav": "unreadable: non-finite samples", "nowhere.wav": "missing file",
+          "eight.wav": None, "low.wav": None, "high.flac": None, "hour.wav": None}
+
+
+def test_read_audio_skips_or_repairs_every_bad_file(bad_clips):
+  clips, expected = bad_clips
+  for name, reason in expected.items():
+    path = str(clips / name)
+    if reason:
+      with pytest.raises(audio.AudioError, match=reason):
+        wave, _ = audio.read_audio(path, 16000, max_duration_s=10.0)
+        audio.check_audio(wave, 16000, min_duration_s=1.0)
+      continue
+    wave, duration_s = audio.read_audio(path, 16000, max_duration_s=10.0)
+    audio.check_audio(wave, 16000, min_duration_s=1.0)
+    assert wave.ndim == 1 and wave.dtype == np.float32 and np.isfinite(wave).all()
+    want_s = 10.0 if name == "hour.wav" else 2.0  # the hour is cut (and only 10 s of it read)
+    assert abs(wave.shape[0] - want_s * 16000) <= 2 and 0.25 < np.abs(wave).max() < 0.35, name
+    assert duration_s == pytest.approx(3600.0 if name == "hour.wav" else 2.0, abs=1e-3)
+
+
+def test_csv_paths_cannot_leave_the_audio_root(tmp_path):
+  root = tmp_path / "clips"
+  (root / "sub").mkdir(parents=True)
+  (tmp_path / "secret.wav").write_bytes(b"x")
+  (root / "ok.wav").write_bytes(b"x")
+  item = dict(audiocap_id="1", start_time="0")
+  assert audiocaps.find_audio(str(root), dict(item, youtube_id="ok"), ["{youtube_id}.wav"]) == str(root / "ok.wav")
+  for yid in ("../secret", "sub/../../secret", str(tmp_path / "secret"), "/etc/passwd", "ok\0"):
+    with pytest.raises(audio.AudioError, match="unsafe path"):
+      audiocaps.find_audio(str(root), dict(item, youtube_id=yid), ["{youtube_id}.wav"])
+  with pytest.raises(audio.AudioError, match="missing file"):  # a bad start_time is just a name that is absent
+    audiocaps.find_audio(str(root), dict(item, youtube_id="ok", start_time="inf"), ["{youtube_id}_{start}.wav"])
+
+
+def _csvs(tmp_path, names, clips=None):
+  captions = tmp_path / "train.csv"
+  captions.write_text("audiocap_id,youtube_id,start_time,caption\n"
+                      + "".join(f"{i},{n},0,a dog barks {i}\n" for i, n in enumerate(names)))
+  segments = tmp_path / "segments.csv"
+  segments.write_text("".join(f'{n}, 0.0, 10.0, "/m/dog"\n' for n in names))
+  classes = tmp_path / "classes.csv"
+  classes.write_text('index,mid,display_name\n0,/m/dog,"Dog"\n')
+  return ["--captions", str(captions), "--audio-dir", str(clips or tmp_path / "clips"), "--audioset-segments",
+          str(segments), "--audioset-classes", str(classes), "--tts", "espeak", "--audio-rate-hz", "16000",
+          "--shard-size", "4", "--workers", "1", "--no-progress", "--audio-pattern", "{youtube_id}"]
+
+
+@pytest.mark.skipif(not HAS_ESPEAK, reason="espeak-ng not installed")
+def test_prepare_keeps_or_reports_every_bad_file(tmp_path, capsys, bad_clips):
+  clips, expected = bad_clips
+  out = tmp_path / "out"
+  assert cli.main(["prepare", "audiocaps", *_csvs(tmp_path, list(expected), clips), "--out", str(out)]) == 0
+  report = json.loads((out / "train.report.json").read_text())
+  skipped = {s["id"]: s["reason"] for s in report["skipped"]}
+  assert set(skipped) == {n for n, r in expected.items() if r}
+  for name, reason in skipped.items():
+    assert reason.startswith(expected[name]), (name, reason)
+  assert report["records"] == 4 and report["notes"] == [dict(id="hour.wav", note="trimmed: 3600.0 s cut to 10.0 s")]
+  assert "warning: hour.wav: trimmed" in capsys.readouterr().err
+
+
+def _fails_with_one_line(capsys, argv, match):
+  code = cli.main(argv)
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+  assert re.search(match, err), err
+
+
+def test_prepare_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
+  (tmp_path / "clips").mkdir()
+  args = _csvs(tmp_path, ["a", "b", "c"]) + ["--out", str(tmp_path / "out")]
+
+  def with_arg(flag, value):
+    a = list(args)
+    a[a.index(flag) + 1] = value
+    return ["prepare", "audiocaps", *a]
+
+  (tmp_path / "wrong.csv").write_text("id,ytid,text\n1,x,hello\n")
+  (tmp_path / "noise.csv").write_bytes(np.random.default_rng(0).bytes(3000))
+  (tmp_path / "file").write_text("")
+  (tmp_path / "not_vits").mkdir()
+  _fails_with_one_line(capsys, with_arg("--captions", str(tmp_path / "nope.csv")), "nope.csv: no such file")
+  _fails_with_one_line(capsys, with_arg("--captions", str(tmp_path / "wrong.csv")), r"missing columns \['audiocap_id'")
+  _fails_with_one_line(capsys, with_arg("--captions", str(tmp_path / "noise.csv")), "not a UTF-8 CSV")
+  _fails_with_one_line(capsys, with_arg("--audioset-classes", str(tmp_path / "wrong.csv")), "missing columns")
+  _fails_with_one_line(capsys, with_arg("--audio-dir", str(tmp_path / "nope")), "--audio-dir .*not a directory")
+  _fails_with_one_line(capsys, with_arg("--out", str(tmp_path / "file" / "out")), "--out .*cannot write there")
+  _fails_with_one_line(capsys, with_arg("--audio-pattern", "{ytid}.wav"), "--audio-pattern .*bad placeholder")
+  _fails_with_one_line(capsys, with_arg("--tts", "vits") + ["--tts-model", str(tmp_path / "not_vits")],
+                       "--tts-model .*cannot load a transformers VitsModel")
+  _fails_with_one_line(capsys, ["prepare", "opensfx", "--cat", str(tmp_path / "nope.cat"), "--out", "x"],
+                       "nope.cat not found")
+  with pytest.raises(SystemExit) as exit_info:  # argparse: usage line + one error line
+    cli.main(with_arg("--shard-size", "0"))
+  assert exit_info.value.code == 2 and "--shard-size: '0' must be > 0" in capsys.readouterr().err
+
+
+def test_a_failing_worker_start_is_an_error_not_a_hang(tmp_path, capsys):
+  (tmp_path / "clips").mkdir()
+  args = _csvs(tmp_path, ["a", "b", "c"]) + ["--out", str(tmp_path / "out")]
+  args[args.index("--workers") + 1], args[args.index("--shard-size") + 1] = "2", "1"
+  _fails_with_one_line(capsys, ["prepare", "audiocaps", *args, "--tts", "vits", "--tts-model", str(tmp_path / "no")],
+                       "--tts-model .*not a directory")
