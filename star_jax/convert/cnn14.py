@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
-import jax
 import numpy as np
 
 from star_jax.errors import UserError
-from star_jax.metrics.cnn14 import Cnn14Config, cnn14_config, mel_filters
+
+if TYPE_CHECKING:  # the model module imports jax/flax; `star-jax --help` lists converters without them
+  from star_jax.metrics.cnn14 import Cnn14Config
 
 _RATE_BY_NFFT = {512: 16000, 1024: 32000}
 
@@ -30,6 +32,8 @@ def _linear(sd: dict, prefix: str) -> dict:
 
 def config_from_state_dict(sd: dict[str, np.ndarray]) -> Cnn14Config:
   """Infer the front end (from the mel matrix's n_fft), widths and class count from the tensors."""
+  from star_jax.metrics.cnn14 import cnn14_config, mel_filters
+
   if "logmel_extractor.melW" not in sd or "fc_audioset.weight" not in sd:
     raise UserError("not a PANNs CNN14 state dict: no 'logmel_extractor.melW' / 'fc_audioset.weight'")
   n_fft = (sd["logmel_extractor.melW"].shape[0] - 1) * 2
@@ -47,6 +51,8 @@ def config_from_state_dict(sd: dict[str, np.ndarray]) -> Cnn14Config:
 
 def convert_state_dict(sd: dict[str, np.ndarray]) -> tuple[Cnn14Config, dict]:
   """A `Cnn14` state dict (torch names) -> (config, params as a nested dict of float32 arrays)."""
+  import jax
+
   cfg = config_from_state_dict(sd)
   try:
     params = {"bn0": _bn(sd, "bn0"), "fc1": _linear(sd, "fc1"), "fc_audioset": _linear(sd, "fc_audioset")}
@@ -63,6 +69,7 @@ def load(path: str) -> tuple[Cnn14Config, dict]:
   """A PyTorch checkpoint file or a `star-jax convert cnn14` directory -> (config, params)."""
   from star_jax.checkpoint import load_params
   from star_jax.convert.torch_io import load_state_dict
+  from star_jax.metrics.cnn14 import Cnn14Config
 
   if os.path.isdir(path):
     params, meta = load_params(path)
