@@ -242,6 +242,13 @@ def test_prepare_keeps_or_reports_every_bad_file(tmp_path, capsys, bad_clips):
     assert reason.startswith(expected[name]), (name, reason)
   assert report["records"] == 4 and report["notes"] == [dict(id="hour.wav", note="trimmed: 3600.0 s cut to 10.0 s")]
   assert "warning: hour.wav: trimmed" in capsys.readouterr().err
+  # Killed while writing shard 1: its sidecar never appeared and a half temp file is left. A rerun redoes only it.
+  shard = out / records.shard_name("train", 1, 3)
+  os.remove(str(shard) + ".json")
+  (out / (shard.name + ".tmp")).write_bytes(b"half a shard")
+  assert cli.main(["prepare", "audiocaps", *_csvs(tmp_path, list(expected), clips), "--out", str(out)]) == 0
+  again = json.loads((out / "train.report.json").read_text())
+  assert again["shards_written_now"] == 1 and again["records"] == 4 and not (out / (shard.name + ".tmp")).exists()
 
 
 def _fails_with_one_line(capsys, argv, match):
