@@ -12,6 +12,7 @@ worker processes too): which records are bad is a function of the files, not of 
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -81,7 +82,9 @@ def split_shards(path: str, split: str) -> list[Shard]:
   if len(counts) != 1:
     raise BadRecordError(f"{path}: shards of split '{split}' disagree on their count {sorted(counts)}; {FIX}")
   count = counts.pop()
-  return [_open_shard(os.path.join(path, records.shard_name(split, i, count))) for i in range(count)]
+  paths = [os.path.join(path, records.shard_name(split, i, count)) for i in range(count)]
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:  # opening reads each shard's index: I/O bound
+    return list(pool.map(_open_shard, paths))
 
 
 def check_record(r: dict[str, Any]) -> None:
