@@ -59,7 +59,7 @@ def test_qformer_parity_with_transformers_on_padded_speech(with_projection):
   x_garbage[~mask] = 1e3  # padded frames must not matter
   ref = _torch_tokens(model, queries, projection, x, mask)
   cfg, params = convert.from_torch(model, queries, projection)
-  out = QFormer(cfg).apply({"params": params}, jnp.asarray(x_garbage), jnp.asarray(mask))
+  out = jax.jit(QFormer(cfg).apply)({"params": params}, jnp.asarray(x_garbage), jnp.asarray(mask))
   assert out.shape == ref.shape == (3, 5, 40 if with_projection else 32)
   assert np.abs(np.asarray(out) - ref).max() <= 1e-4
 
@@ -98,7 +98,7 @@ def test_convert_cli_from_star_checkpoint(tmp_path):
   params, meta = load_params(str(tmp_path / "ckpt"))
   cfg = QFormerConfig(**meta["config"])
   x, mask = _speech()
-  out = QFormer(cfg).apply({"params": params}, jnp.asarray(x), jnp.asarray(mask))
+  out = jax.jit(QFormer(cfg).apply)({"params": params}, jnp.asarray(x), jnp.asarray(mask))
   assert np.abs(np.asarray(out) - _torch_tokens(model, queries, projection, x, mask)).max() <= 1e-4
 
 
@@ -120,7 +120,7 @@ def test_mlp_bridge_pools_valid_frames_and_updates_batch_stats():
   cfg = MLPBridgeConfig(**load_config("configs/star.py:tiny").mlp_bridge.to_dict())
   x, mask = _speech(cfg.input_size)
   bridge = MLPBridge(cfg)
-  variables = bridge.init(jax.random.key(0), jnp.asarray(x), jnp.asarray(mask))
+  variables = jax.jit(bridge.init)(jax.random.key(0), jnp.asarray(x), jnp.asarray(mask))
   eval_out = bridge.apply(variables, jnp.asarray(x), jnp.asarray(mask))
   assert eval_out.shape == (3, 1, cfg.hidden_size)
   x_garbage = x.copy()
@@ -172,7 +172,7 @@ def _wav_batch():
 
 
 def test_gradients_through_encoder_and_bridge_are_finite():
-  params = nn.unbox(_init_stack(jax.random.key(0)))
+  params = nn.unbox(jax.jit(_init_stack)(jax.random.key(0)))
   wav, mask = _wav_batch()
   grads = jax.jit(jax.grad(lambda p: jnp.mean(jnp.square(_stack_forward(p, wav, mask)))))(params)
   leaves = jax.tree.leaves(grads)
@@ -183,7 +183,7 @@ def test_gradients_through_encoder_and_bridge_are_finite():
 
 def test_sharded_encoder_and_bridge_equal_unsharded(mesh222, rules):
   wav, mask = _wav_batch()
-  ref = jax.jit(_stack_forward)(nn.unbox(_init_stack(jax.random.key(0))), wav, mask)
+  ref = jax.jit(_stack_forward)(nn.unbox(jax.jit(_init_stack)(jax.random.key(0))), wav, mask)
   params, p_shard = sharding.init_sharded(_init_stack, mesh222, rules, jax.random.key(0))
   assert params["hubert"]["layer_0"]["feed_forward"]["intermediate_dense"]["kernel"].sharding.spec != ()
   batch = sharding.global_batch({"wav": wav, "mask": mask}, mesh222)

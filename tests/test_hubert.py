@@ -49,7 +49,7 @@ def test_parity_with_transformers_on_padded_batch(stable):
   wav, mask = _batch()
   ref = _torch_hidden(model, wav, mask)
   cfg, params = convert.from_torch(model)
-  hidden, frame_mask = Hubert(cfg).apply({"params": params}, jnp.asarray(wav), jnp.asarray(mask))
+  hidden, frame_mask = jax.jit(Hubert(cfg).apply)({"params": params}, jnp.asarray(wav), jnp.asarray(mask))
   hidden, frame_mask = np.asarray(hidden), np.asarray(frame_mask)
   assert hidden.shape == ref.shape
   expected_frames = np.asarray(frame_lengths(cfg, jnp.asarray(LENGTHS)))
@@ -65,7 +65,7 @@ def test_unmasked_call_and_odd_pos_kernel_match():
   with torch.no_grad():
     ref = model(torch.from_numpy(wav)).last_hidden_state.numpy()
   cfg, params = convert.from_torch(model)
-  hidden, frame_mask = Hubert(cfg).apply({"params": params}, jnp.asarray(wav))
+  hidden, frame_mask = jax.jit(Hubert(cfg).apply)({"params": params}, jnp.asarray(wav))
   assert bool(np.asarray(frame_mask).all())
   assert np.abs(np.asarray(hidden) - ref).max() <= 1e-4
 
@@ -73,7 +73,7 @@ def test_unmasked_call_and_odd_pos_kernel_match():
 def test_converted_tree_matches_init_tree():
   model = _tiny_hf(False)
   cfg, params = convert.from_torch(model)
-  init = nn.unbox(Hubert(cfg).init(jax.random.key(0), jnp.zeros((1, 4000)))["params"])
+  init = nn.unbox(jax.eval_shape(Hubert(cfg).init, jax.random.key(0), jnp.zeros((1, 4000)))["params"])
   assert jax.tree.structure(init) == jax.tree.structure(params)
   assert jax.tree.leaves(jax.tree.map(lambda a, b: a.shape == b.shape, init, params)) == [True] * len(
       jax.tree.leaves(params))
@@ -157,7 +157,7 @@ def test_convert_cli_writes_a_loadable_checkpoint(tmp_path):
   assert meta["kind"] == "hubert"
   cfg = HubertConfig(**meta["config"])
   wav, mask = _batch()
-  hidden, frame_mask = Hubert(cfg).apply({"params": params}, jnp.asarray(wav), jnp.asarray(mask))
+  hidden, frame_mask = jax.jit(Hubert(cfg).apply)({"params": params}, jnp.asarray(wav), jnp.asarray(mask))
   ref = _torch_hidden(model, wav, mask)
   assert np.abs(np.asarray(hidden) - ref)[np.asarray(frame_mask)].max() <= 1e-4
   assert main(["convert", "hubert", "--from", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
