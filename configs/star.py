@@ -35,10 +35,10 @@ def _qformer(variant: str, speech_dim: int) -> dict:
   if variant == "paper":
     return dict(num_queries=32, hidden_size=768, num_heads=12, intermediate_size=3072, num_layers=2,
                 cross_attention_frequency=2, encoder_hidden_size=speech_dim, output_size=1024,
-                layer_norm_eps=1e-12, dtype="bfloat16")
+                layer_norm_eps=1e-12, query_layer_norm=True, dropout_rate=0.1, dtype="bfloat16")
   return dict(num_queries=8, hidden_size=32, num_heads=2, intermediate_size=64, num_layers=2,
               cross_attention_frequency=2, encoder_hidden_size=speech_dim, output_size=64,
-              layer_norm_eps=1e-12, dtype="float32")
+              layer_norm_eps=1e-12, query_layer_norm=True, dropout_rate=0.1, dtype="float32")
 
 
 def _dit(variant: str, context_dim: int) -> dict:
