@@ -78,13 +78,15 @@ def decoded_length(cfg: VAEConfig, num_latents: int) -> int:
   return n
 
 
-def _kernel(module: nn.Module, name: str, shape: tuple[int, ...]) -> jax.Array:
-  return module.param(name, nn.with_logical_partitioning(conv_init, (None, "conv_in", "conv_out")),
-                      shape, jnp.float32)
+CONV_AXES = (None, "conv_in", "conv_out")  # kernel (K, C_in, C_out); the audio-channel side stays unsharded
 
 
-def _bias(module: nn.Module, features: int) -> jax.Array:
-  return module.param("bias", nn.with_logical_partitioning(zeros, ("conv_out",)), (features,), jnp.float32)
+def _kernel(module: nn.Module, shape: tuple[int, ...], axes=CONV_AXES) -> jax.Array:
+  return module.param("kernel", nn.with_logical_partitioning(conv_init, axes), shape, jnp.float32)
+
+
+def _bias(module: nn.Module, features: int, axis: str | None = "conv_out") -> jax.Array:
+  return module.param("bias", nn.with_logical_partitioning(zeros, (axis,)), (features,), jnp.float32)
 
 
 class Conv(nn.Module):
@@ -99,16 +101,17 @@ class Conv(nn.Module):
   padding: int = 0
   use_bias: bool = True
   dtype: Dtype = jnp.float32
+  axes: tuple[str | None, ...] = CONV_AXES
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = _kernel(self, "kernel", (self.kernel_size, x.shape[-1], self.features))
+    kernel = _kernel(self, (self.kernel_size, x.shape[-1], self.features), self.axes)
     y = jax.lax.conv_general_dilated(
         x.astype(self.dtype), kernel.astype(self.dtype), (self.stride,), [(self.padding, self.padding)],
         rhs_dilation=(self.dilation,), dimension_numbers=("NWC", "WIO", "NWC"),
         preferred_element_type=jnp.float32)
     if self.use_bias:
-      y = y + _bias(self, self.features)
+      y = y + _bias(self, self.features, self.axes[2])
     return y
 
 
@@ -125,7 +128,7 @@ class ConvTransposeUp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     s, (b, length, c) = self.stride, x.shape
-    kernel = _kernel(self, "kernel", (2 * s, c, self.features))
+    kernel = _kernel(self, (2 * s, c, self.features))
     # (2s, C, F) -> rows [W[:s] | W[s:]] as (2C, s·F), column r·F + f is phase r of output channel f.
     w = kernel.reshape(2, s, c, self.features).transpose(0, 2, 1, 3).reshape(2 * c, s * self.features)
     x = x.astype(self.dtype)
@@ -194,7 +197,7 @@ class Encoder(nn.Module):
   def __call__(self, wav_bta: jax.Array) -> jax.Array:
     cfg, dtype = self.cfg, as_dtype(self.cfg.dtype)
     widths = [cfg.encoder_hidden_size * m for m in (1,) + cfg.channel_multiples]
-    x = Conv(widths[0], 7, padding=3, dtype=dtype, name="conv_in")(wav_bta)
+    x = Conv(widths[0], 7, padding=3, dtype=dtype, axes=(None, None, "conv_out"), name="conv_in")(wav_bta)
     for i, s in enumerate(cfg.downsampling_ratios):
       x = EncoderBlock(widths[i + 1], s, dtype, name=f"block_{i}")(x)
     x = SnakeBeta(name="snake_out")(x)
@@ -214,7 +217,8 @@ class Decoder(nn.Module):
     for i, s in enumerate(reversed(cfg.downsampling_ratios)):
       x = DecoderBlock(widths[n - 1 - i], s, dtype, name=f"block_{i}")(x)
     x = SnakeBeta(name="snake_out")(x)
-    return Conv(cfg.audio_channels, 7, padding=3, use_bias=False, dtype=dtype, name="conv_out")(x)
+    return Conv(cfg.audio_channels, 7, padding=3, use_bias=False, dtype=dtype, axes=(None, "conv_in", None),
+                name="conv_out")(x)
 
 
 class OobleckVAE(nn.Module):
