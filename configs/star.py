@@ -44,9 +44,9 @@ def _qformer(variant: str, speech_dim: int) -> dict:
 def _dit(variant: str, context_dim: int) -> dict:
   if variant == "paper":  # EzAudio DiT-L
     return dict(latent_channels=128, hidden_size=1024, depth=24, num_heads=16, mlp_ratio=4,
-                context_dim=context_dim, lora_rank=32, remat="dots", dtype="bfloat16")
+                context_dim=context_dim, lora_rank=32, lora_alpha=32.0, remat="dots", dtype="bfloat16")
   return dict(latent_channels=16, hidden_size=64, depth=4, num_heads=4, mlp_ratio=4,
-              context_dim=context_dim, lora_rank=8, remat="none", dtype="float32")
+              context_dim=context_dim, lora_rank=8, lora_alpha=8.0, remat="none", dtype="float32")
 
 
 def _vae(variant: str) -> dict:
