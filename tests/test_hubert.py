@@ -58,6 +58,18 @@ def test_parity_with_transformers_on_padded_batch(stable):
   assert np.all(hidden[~frame_mask] == 0)
 
 
+def test_bf16_compute_stays_close_to_f32():
+  model = _tiny_hf(True, conv_dim=(16, 128, 128))  # wide enough for the per-block matmul path
+  wav, mask = _batch()
+  cfg, params = convert.from_torch(model)
+  ref = _torch_hidden(model, wav, mask)
+  cfg16 = HubertConfig(**{**cfg.__dict__, "dtype": "bfloat16"})
+  hidden, frame_mask = jax.jit(Hubert(cfg16).apply)({"params": params}, jnp.asarray(wav), jnp.asarray(mask))
+  assert hidden.dtype == jnp.float32
+  err = np.abs(np.asarray(hidden) - ref)[np.asarray(frame_mask)].max()
+  assert err <= 3e-2 * np.abs(ref).max(), err
+
+
 def test_unmasked_call_and_odd_pos_kernel_match():
   model = _tiny_hf(True, num_conv_pos_embeddings=7, hidden_act="gelu_new", feat_proj_layer_norm=False)
   wav, _ = _batch()
