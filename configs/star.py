@@ -107,6 +107,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       shuffle_seed=0,
       text_max_tokens=16 if not paper else 32,  # rows of the records' hashed text_emb (tta stage)
       skip_bad_records=False,  # True: replace and count unreadable records instead of stopping (README)
+      sample_latents=True,  # cached VAE posteriors (prepare cache): serve mean + std·ε (False: the mean)
   )
 
   # Training stages (DESIGN.md §1). Each stage reads its own section.

@@ -8,7 +8,9 @@ and batched. Batch fields (B = per-process batch size):
   labels (B, C) f32 multi-hot
   text_emb (B, Lt, Dt) f32, text_mask (B, Lt)      if the records carry text_emb (Lt = text_max_tokens)
   hubert (B, Th, D), hubert_mask (B, Th)           if cached; Th = speech_duration_s * hubert_frame_rate_hz
-  latents (B, Tl, Dl), latents_mask (B, Tl)        if cached; Tl = audio_duration_s * latent_frame_rate_hz
+  latents (B, Tl, Dl), latents_mask (B, Tl)        if cached; Tl = audio_duration_s * latent_frame_rate_hz; with a
+                                                   cached posterior (latents_std) a fresh sample mean + std·ε per
+                                                   element (seeded like the crop), or its mean (sample_latents=False)
   id, caption (B,) numpy unicode arrays            host-only: drop them before device_put
 Bad shards and records raise `source.BadRecordError` naming them, or with skip_bad_records are replaced and
 counted in `BatchIterator.bad_records` (see star_jax.data.source).
@@ -49,8 +51,8 @@ class FitRecord(grain.transforms.RandomMap):
   """Encoded record -> dict of fixed-shape arrays (module-level, so grain's worker processes can unpickle it)."""
 
   def __init__(self, *, speech_rate_hz: tuple[int, int], audio_rate_hz: tuple[int, int], speech_duration_s: float,
-               audio_duration_s: float, text_max_tokens: int, hubert_rate_hz: int, latent_rate_hz: int,
-               random_crop: bool):
+               audio_duration_s: float, text_max_tokens: int, hubert_rate_hz: float, latent_rate_hz: float,
+               random_crop: bool, sample_latents: bool = True):
     self.speech_rate_hz = speech_rate_hz  # (stored, wanted)
     self.audio_rate_hz = audio_rate_hz
     self.speech_duration_s = speech_duration_s
@@ -59,16 +61,17 @@ class FitRecord(grain.transforms.RandomMap):
     self.hubert_rate_hz = hubert_rate_hz
     self.latent_rate_hz = latent_rate_hz
     self.random_crop = random_crop
+    self.sample_latents = sample_latents
 
   def _wave(self, wave: np.ndarray, feats: np.ndarray | None, rates: tuple[int, int], duration_s: float,
-            feat_rate_hz: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+            feat_rate_hz: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Crops a waveform (and its cached frame features, aligned in time) to duration_s at rates[1]."""
     stored, wanted = rates
     out: dict[str, np.ndarray] = {}
     if feats is not None:  # choose the start on the frame grid so waveform and features stay aligned
       num_frames = int(round(duration_s * feat_rate_hz))
       frame0 = _start(feats.shape[0], num_frames, rng, self.random_crop)
-      out["feats"], out["feats_mask"] = _fit(feats[frame0:frame0 + num_frames], num_frames)
+      out["feats"], out["feats_mask"] = _fit(feats[frame0:frame0 + num_frames].astype(np.float32), num_frames)
       start = int(round(frame0 * stored / feat_rate_hz))
     else:
       start = _start(wave.shape[0], int(math.ceil(duration_s * stored)), rng, self.random_crop)
@@ -81,14 +84,20 @@ class FitRecord(grain.transforms.RandomMap):
                            "_bad": r["_bad"], "_bad_where": r["_bad_where"]}
     speech = self._wave(r["speech"], r.get("hubert"), self.speech_rate_hz, self.speech_duration_s,
                         self.hubert_rate_hz, rng)
-    audio = self._wave(r["audio"], r.get("latents"), self.audio_rate_hz, self.audio_duration_s,
-                       self.latent_rate_hz, rng)
+    latents = r.get("latents")
+    if latents is not None and "latents_std" in r:  # crop mean ‖ std together, then sample
+      latents = np.concatenate([latents, r["latents_std"]], axis=-1)
+    audio = self._wave(r["audio"], latents, self.audio_rate_hz, self.audio_duration_s, self.latent_rate_hz, rng)
     out["speech"], out["speech_mask"] = speech["wave"], speech["mask"]
     out["audio"], out["audio_mask"] = audio["wave"], audio["mask"]
     if "feats" in speech:
       out["hubert"], out["hubert_mask"] = speech["feats"], speech["feats_mask"]
     if "feats" in audio:
       out["latents"], out["latents_mask"] = audio["feats"], audio["feats_mask"]
+      if "latents_std" in r:
+        mean, std = np.split(audio["feats"], 2, axis=-1)
+        # DESIGN.md §2: encoding samples the posterior; padded frames have mean = std = 0 and stay 0.
+        out["latents"] = mean + std * rng.standard_normal(mean.shape, np.float32) if self.sample_latents else mean
     out["labels"] = r["labels"].astype(np.float32)
     if "text_emb" in r:
       out["text_emb"], out["text_mask"] = _fit(r["text_emb"], self.text_max_tokens)
@@ -132,14 +141,16 @@ class BatchIterator:
 def make_iterator(data_cfg, split: str, *, batch_size: int, audio_sample_rate_hz: int, seed: int = 0,
                   shuffle: bool = True, num_epochs: int | None = None, process_index: int | None = None,
                   process_count: int | None = None, drop_remainder: bool = True, num_workers: int | None = None,
-                  random_crop: bool | None = None, skip_bad_records: bool | None = None) -> BatchIterator:
+                  random_crop: bool | None = None, skip_bad_records: bool | None = None,
+                  sample_latents: bool | None = None) -> BatchIterator:
   """A checkpointable iterator (next, get_state, set_state) over this process's batches of `split`.
 
   Process i of n reads records [i*N/n, (i+1)*N/n) of the (shuffled) index space; with drop_remainder every
   process gets the same number of records and batches (what multi-host training needs).
   random_crop defaults to split == "train"; crops are seeded by (seed, record position), so they replay
   exactly after a restore. skip_bad_records (default data.skip_bad_records, False): replace and count bad
-  records instead of raising `source.BadRecordError`.
+  records instead of raising `source.BadRecordError`. sample_latents (default data.sample_latents, True): serve
+  cached posteriors as samples, else as their mean.
   """
   import absl.flags
 
@@ -162,9 +173,10 @@ def make_iterator(data_cfg, split: str, *, batch_size: int, audio_sample_rate_hz
       audio_rate_hz=(info["audio_sample_rate_hz"], audio_sample_rate_hz),
       speech_duration_s=float(data_cfg["speech_duration_s"]), audio_duration_s=float(data_cfg["audio_duration_s"]),
       text_max_tokens=int(data_cfg.get("text_max_tokens", 16)),
-      hubert_rate_hz=int(info.get("hubert_frame_rate_hz", FEATURE_RATE_HZ)),
-      latent_rate_hz=int(info.get("latent_frame_rate_hz", FEATURE_RATE_HZ)),
-      random_crop=split == "train" if random_crop is None else random_crop)
+      hubert_rate_hz=float(info.get("hubert_frame_rate_hz", FEATURE_RATE_HZ)),
+      latent_rate_hz=float(info.get("latent_frame_rate_hz", FEATURE_RATE_HZ)),
+      random_crop=split == "train" if random_crop is None else random_crop,
+      sample_latents=bool(data_cfg.get("sample_latents", True) if sample_latents is None else sample_latents))
   shard_options = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count,
                                               drop_remainder=drop_remainder)
   sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard_options, shuffle=shuffle,

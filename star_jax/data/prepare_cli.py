@@ -3,6 +3,7 @@
   star-jax prepare opensfx --out data/opensfx --audio-rate-hz 16000
   star-jax prepare audiocaps --captions train.csv --audio-dir clips/ --audioset-segments seg.csv \\
       --audioset-classes class_labels_indices.csv --tts vits --tts-model vits-ljs/ --out data/audiocaps
+  star-jax prepare cache --data data/audiocaps --hubert ckpt/hubert --vae ckpt/vae   (adds hubert, latents)
 
 A rerun skips the shards already written; each split gets a JSON report of every skipped item and why.
 """
@@ -79,6 +80,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   a.add_argument("--workers", type=_positive(int), default=_workers_default(), help="parallel processes")
   a.add_argument("--seed", type=int, default=0, help="TTS seed (voice choice, VITS noise)")
   a.add_argument("--no-progress", action="store_true")
+
+  c = sub.add_parser("cache", help="add cached HuBERT features and VAE posteriors to a prepared dataset")
+  c.add_argument("--data", required=True, help="dataset directory written by `star-jax prepare` (changed in place)")
+  c.add_argument("--hubert", default=None, help="HuBERT params checkpoint (star-jax convert hubert, or a stage's best/)")
+  c.add_argument("--vae", default=None, help="VAE params checkpoint (star-jax convert vae, or the vae stage's best/)")
+  c.add_argument("--splits", default=None, help="comma-separated splits (default: all in info.json)")
+  c.add_argument("--batch-size", type=_positive(int), default=8, help="clips per forward pass")
+  c.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                 help="storage dtype of the cached fields (float16 halves the size)")
+  c.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="matmul/conv input dtype of the forward passes (f32 accumulation either way)")
+  c.add_argument("--no-progress", action="store_true")
 
 
 def _check_out(out: str) -> None:
@@ -204,5 +217,30 @@ def run_audiocaps(args: argparse.Namespace) -> int:
   return 0
 
 
+def run_cache(args: argparse.Namespace) -> int:
+  from star_jax.data import cache, records
+  from star_jax.errors import UserError
+
+  start = time.time()
+  if not args.hubert and not args.vae:
+    raise UserError("prepare cache: give --hubert CKPT_DIR and/or --vae CKPT_DIR")
+  info = records.read_info(args.data)
+  splits = args.splits.split(",") if args.splits else list(info.get("splits", {}))
+  unknown = sorted(set(splits) - set(info.get("splits", {})))
+  if unknown:
+    raise UserError(f"--splits: {args.data} has no split {unknown}; it has {sorted(info.get('splits', {}))}")
+  _check_out(args.data)
+  models = [load(ckpt, args.compute_dtype) for ckpt, load in ((args.hubert, cache.load_hubert),
+                                                               (args.vae, cache.load_vae)) if ckpt]
+  cache.check_rates(args.data, splits, models)
+  for split in splits:
+    summary = cache.cache_split(args.data, split, models, dtype=args.dtype, batch_size=args.batch_size,
+                                progress=not args.no_progress)
+    print(f"{split}: {summary['records']} records, {summary['shards_written_now']} of {summary['shards']} shards "
+          f"written now, fields {summary['fields']}")
+  print(f"prepare cache: done in {time.time() - start:.1f} s; frame rates in {os.path.join(args.data, 'info.json')}")
+  return 0
+
+
 def run(args: argparse.Namespace) -> int:
-  return {"opensfx": run_opensfx, "audiocaps": run_audiocaps}[args.source](args)
+  return {"opensfx": run_opensfx, "audiocaps": run_audiocaps, "cache": run_cache}[args.source](args)

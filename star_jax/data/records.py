@@ -30,8 +30,12 @@ SCHEMA = {
     "voice": ("str", "()", "TTS voice that spoke the caption (optional)"),
     "sources": ("str", "()", "where the audio came from, e.g. a file or clip indices (optional)"),
     "text_emb": ("float32", "(Lt, text_dim)", "hashed bag-of-words caption embedding, star_jax.data.text (optional)"),
-    "hubert": ("float32", "(Th, D)", "cached HuBERT features at hubert_frame_rate_hz (optional)"),
-    "latents": ("float32", "(Tl, Dl)", "cached VAE latents at latent_frame_rate_hz (optional)"),
+    "hubert": ("float32|float16", "(Th, D)",
+               "cached HuBERT last_hidden_state at hubert_frame_rate_hz, valid frames (optional; prepare cache)"),
+    "latents": ("float32|float16", "(Tl, Dl)",
+                "cached VAE latents at latent_frame_rate_hz: the posterior mean when latents_std is there (optional)"),
+    "latents_std": ("float32|float16", "(Tl, Dl)",
+                    "cached VAE posterior std; the pipeline serves latents + latents_std * N(0, 1) (optional)"),
 }
 
 

@@ -27,7 +27,7 @@ from star_jax.data import records
 from star_jax.errors import UserError
 
 REQUIRED_FIELDS = ("id", "caption", "speech", "audio", "labels")
-FINITE_FIELDS = ("speech", "audio", "text_emb", "hubert", "latents")
+FINITE_FIELDS = ("speech", "audio", "text_emb", "hubert", "latents", "latents_std")
 MAX_SUBSTITUTE_TRIES = 64  # random records tried to fill a bad slot before giving up on the dataset
 FIX = ("re-run `star-jax prepare` for this split (delete the shard and its .json sidecar first), "
        "or skip bad records (make_iterator(skip_bad_records=True), data.skip_bad_records, --skip-bad-records)")
