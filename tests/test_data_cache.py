@@ -3,6 +3,7 @@ the pipeline serves them aligned with the crops, and a rerun is a no-op."""
 
 import json
 import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -163,25 +164,54 @@ def test_pipeline_serves_the_cache_aligned_with_the_crops(setup):
     assert not sampled["latents"][b][~m].any()
 
 
-def test_rerun_is_a_noop_and_new_settings_recompute(setup, capsys):
+def test_rerun_is_a_noop_and_an_interrupted_recache_resumes(setup, capsys, monkeypatch, tmp_path):
   data = setup["data"]
   shards = [os.path.join(data, records.shard_name("train", s, len(SHARDS))) for s in range(len(SHARDS))]
   before = [os.stat(p).st_mtime_ns for p in shards]
   capsys.readouterr()
   assert cli.main(setup["argv"]) == 0
   assert "0 of 2 shards written now" in capsys.readouterr().out
+  vae_dir = setup["argv"][setup["argv"].index("--vae") + 1]
+  moved = shutil.copytree(vae_dir, str(tmp_path / "moved_vae"))  # the same weights elsewhere: still cached
+  assert cli.main([moved if a == vae_dir else a for a in setup["argv"]]) == 0
+  assert "0 of 2 shards written now" in capsys.readouterr().out
   assert [os.stat(p).st_mtime_ns for p in shards] == before
 
-  # A changed setting of one field redoes that field only; an interrupted run leaves no shard marked wrongly.
+  # Other settings for one field (f16 latents, no --hubert) redo that field only. Interrupted after one
+  # shard: the pipeline serves no latents until every shard has the new ones, then the rerun does the rest.
   argv = setup["argv"][:]
   argv[argv.index("--hubert"):argv.index("--hubert") + 2] = []
-  assert cli.main(argv + ["--dtype", "float16"]) == 0
+  argv += ["--dtype", "float16"]
+  write_shard, calls = records.write_shard, []
+
+  def crash_on_second(path, recs):
+    calls.append(path)
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    write_shard(path, recs)
+
+  monkeypatch.setattr(records, "write_shard", crash_on_second)
+  with pytest.raises(KeyboardInterrupt):
+    cli.main(argv)
+  monkeypatch.undo()
+  cfg = dict(path=data, speech_duration_s=0.4, audio_duration_s=0.3, num_workers=0)
+  batch = next(pipeline.make_iterator(cfg, "train", batch_size=7, audio_sample_rate_hz=AUDIO_RATE,
+                                      process_index=0, process_count=1))
+  assert "hubert" in batch and "latents" not in batch
+  written = os.stat(shards[0]).st_mtime_ns
+  capsys.readouterr()
+  assert cli.main(argv) == 0
+  assert "1 of 2 shards written now" in capsys.readouterr().out and os.stat(shards[0]).st_mtime_ns == written
   cached = _cached(data)
-  assert cached[0]["latents"].dtype == np.float16 and cached[0]["hubert"].dtype == np.float32
-  with open(shards[0] + ".json") as f:
-    sidecar = json.load(f)
-  assert sidecar["cache"]["latents"]["dtype"] == "float16" and sidecar["cache"]["hubert"]["dtype"] == "float32"
-  assert sidecar["records"] == SHARDS[0] and sidecar["skipped"] == []
+  assert all(c["latents"].dtype == np.float16 and c["hubert"].dtype == np.float32 for c in cached)
+  for p in shards:
+    with open(p + ".json") as f:
+      sidecar = json.load(f)
+    assert sidecar["cache"]["latents"]["dtype"] == "float16" and sidecar["cache"]["hubert"]["dtype"] == "float32"
+  assert sidecar["records"] == SHARDS[1] and sidecar["skipped"] == []
+  batch = next(pipeline.make_iterator(cfg, "train", batch_size=7, audio_sample_rate_hz=AUDIO_RATE,
+                                      process_index=0, process_count=1))
+  assert batch["latents"].dtype == np.float32 and batch["latents"].shape == (7, 15, 3)
 
 
 def test_bad_arguments_are_one_line_errors(setup, tmp_path, capsys):

@@ -12,13 +12,15 @@ mask stops it) except for GroupNorm feature extractors (hubert-base: conv 0 stat
 in any padded batch). The VAE encodes each clip followed by at least `vae_reach` zero samples: its frames are
 those of an encoder that sees silence after the clip, whatever the bucket (the last few frames differ from an
 unpadded encode, whose every conv pads with zeros instead).
-A shard is rewritten atomically and its sidecar then records each field's settings (checkpoint, config,
-dtypes): a rerun skips shards whose fields match, and recomputes the ones cached with other settings.
+A shard is rewritten atomically and its sidecar then records each field's settings (a digest of the params,
+the model config, dtypes): a rerun skips shards whose fields match, and recomputes the ones cached with other
+settings (another checkpoint, wherever it lives).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -48,7 +50,8 @@ class FrozenModel:
   num_frames: Callable[[int], int]  # valid output frames of a clip of n samples
   forward: Callable                 # jitted (params, wave_bt, mask_bt) -> tuple of (B, T', D)
   params: Any
-  settings: dict                    # what the cached values depend on
+  checkpoint: str                   # where the params came from (recorded in info.json)
+  settings: dict                    # what the cached values depend on: params digest, model config
   dim: int
 
   @property
@@ -103,9 +106,9 @@ def _load_component(directory: str, name: str, config_cls):
   return config_cls(**config), tree
 
 
-def _check_params(directory: str, params, init) -> None:
+def _check_params(directory: str, params, init) -> str:
   """Every parameter `init` makes must be in the loaded tree with its shape (extra ones, e.g. a VAE's decoder,
-  are fine)."""
+  are fine) -> sha256 of those parameters (what the cached values depend on, wherever the checkpoint lives)."""
   import flax.linen as nn
   import jax
   from flax import traverse_util
@@ -117,6 +120,12 @@ def _check_params(directory: str, params, init) -> None:
       found = tuple(np.shape(got[key])) if key in got else "missing"
       raise UserError(f"{directory}: parameters do not fit the model of its config.json (first mismatch: "
                       f"{key}: {found}, expected {tuple(shape.shape)})")
+  digest = hashlib.sha256()
+  for key in sorted(want):
+    value = np.ascontiguousarray(got[key], np.float32)
+    digest.update(f"{key}{value.shape}".encode())
+    digest.update(value.tobytes())
+  return digest.hexdigest()
 
 
 def load_hubert(directory: str, compute_dtype: str = "float32") -> FrozenModel:
@@ -129,7 +138,8 @@ def load_hubert(directory: str, compute_dtype: str = "float32") -> FrozenModel:
   cfg, params = _load_component(directory, "hubert", HubertConfig)
   cfg = dataclasses.replace(cfg, dtype=compute_dtype)
   module = Hubert(cfg)
-  _check_params(directory, params, lambda: module.init(jax.random.key(0), np.zeros((1, HUBERT_RATE_HZ), np.float32)))
+  digest = _check_params(directory, params,
+                         lambda: module.init(jax.random.key(0), np.zeros((1, HUBERT_RATE_HZ), np.float32)))
 
   def forward(p, wave_bt, mask_bt):
     return (module.apply({"params": p}, wave_bt, mask_bt)[0],)
@@ -138,8 +148,8 @@ def load_hubert(directory: str, compute_dtype: str = "float32") -> FrozenModel:
       field="hubert", outputs=("hubert",), source="speech", rate_hz=HUBERT_RATE_HZ,
       quantum=math.prod(cfg.conv_stride), margin=0,
       num_frames=lambda n: int(frame_lengths(cfg, np.int64(n))), forward=jax.jit(forward),
-      params=jax.device_put(params), settings=dict(checkpoint=directory, config=dataclasses.asdict(cfg)),
-      dim=cfg.hidden_size)
+      params=jax.device_put(params), checkpoint=directory,
+      settings=dict(params_sha256=digest, config=dataclasses.asdict(cfg)), dim=cfg.hidden_size)
 
 
 def load_vae(directory: str, compute_dtype: str = "float32") -> FrozenModel:
@@ -154,8 +164,8 @@ def load_vae(directory: str, compute_dtype: str = "float32") -> FrozenModel:
   if cfg.audio_channels != 1:
     raise UserError(f"{directory}: a {cfg.audio_channels}-channel VAE; records hold mono audio")
   module = OobleckVAE(cfg)
-  _check_params(directory, params, lambda: module.init(jax.random.key(0), np.zeros((1, 4 * hop_length(cfg)), np.float32),
-                                                       method="encode"))
+  digest = _check_params(directory, params, lambda: module.init(
+      jax.random.key(0), np.zeros((1, 4 * hop_length(cfg)), np.float32), method="encode"))
 
   def forward(p, wave_bt, mask_bt):
     del mask_bt  # the padding is already zeros: the encoder sees silence after the clip
@@ -164,8 +174,8 @@ def load_vae(directory: str, compute_dtype: str = "float32") -> FrozenModel:
   return FrozenModel(
       field="latents", outputs=("latents", "latents_std"), source="audio", rate_hz=cfg.sample_rate_hz,
       quantum=hop_length(cfg), margin=vae_reach(cfg), num_frames=lambda n: latent_length(cfg, n),
-      forward=jax.jit(forward), params=jax.device_put(params),
-      settings=dict(checkpoint=directory, config=dataclasses.asdict(cfg)), dim=cfg.encoder_latent_channels)
+      forward=jax.jit(forward), params=jax.device_put(params), checkpoint=directory,
+      settings=dict(params_sha256=digest, config=dataclasses.asdict(cfg)), dim=cfg.encoder_latent_channels)
 
 
 def encode_waves(model: FrozenModel, waves: Sequence[np.ndarray], batch_size: int) -> list[tuple[np.ndarray, ...]]:
@@ -253,6 +263,8 @@ def cache_split(path: str, split: str, models: Sequence[FrozenModel], *, dtype: 
     stale = [m for m in models if sidecar.get("cache", {}).get(m.field) != wanted[m.field]]
     if stale:
       todo.append((shard, sidecar, stale))
+  if todo:  # until every shard has them, the pipeline serves none of the fields being (re)computed
+    _set_info_cache(path, split, {k: None for k in wanted})
   bar = tqdm(total=sum(s.num_records for s, _, _ in todo), unit="record", disable=not progress or not todo,
              desc=f"cache {split}: {len(shards) - len(todo)}/{len(shards)} shards done")
   rates = {"speech": info["speech_sample_rate_hz"], "audio": info["audio_sample_rate_hz"]}
@@ -269,7 +281,7 @@ def cache_split(path: str, split: str, models: Sequence[FrozenModel], *, dtype: 
     records.write_json(shard.path + ".json", dict(sidecar, cache=dict(cache, **wanted)))
     bar.update(len(recs))
   bar.close()
-  _update_info(path, split, models, wanted)
+  _set_info_cache(path, split, {m.field: dict(wanted[m.field], checkpoint=m.checkpoint) for m in models}, models)
   return dict(split=split, shards=len(shards), shards_written_now=len(todo),
               records=sum(s.num_records for s in shards), fields=sorted(o for m in models for o in m.outputs))
 
@@ -293,11 +305,17 @@ def check_rates(path: str, splits: Sequence[str], models: Sequence[FrozenModel])
                       f"{m.frame_rate_hz}; cache those splits again too (--splits) or use a new dataset copy")
 
 
-def _update_info(path: str, split: str, models: Sequence[FrozenModel], wanted: dict) -> None:
+def _set_info_cache(path: str, split: str, fields: dict, models: Sequence[FrozenModel] = ()) -> None:
+  """info['cache'][split][field] = settings (None removes the field); frame rates and widths of `models`."""
   info = records.read_info(path)
   for m in models:
     info[RATE_KEYS[m.field]] = m.frame_rate_hz
     info[DIM_KEYS[m.field]] = m.dim
-  info.setdefault("cache", {}).setdefault(split, {}).update(wanted)
+  entry = info.setdefault("cache", {}).setdefault(split, {})
+  for field, settings in fields.items():
+    if settings is None:
+      entry.pop(field, None)
+    else:
+      entry[field] = settings
   info["schema"] = {k: dict(dtype=d, shape=s, meaning=m) for k, (d, s, m) in records.SCHEMA.items()}
   records.write_json(os.path.join(path, records.INFO_FILE), info)

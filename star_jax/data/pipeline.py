@@ -52,7 +52,7 @@ class FitRecord(grain.transforms.RandomMap):
 
   def __init__(self, *, speech_rate_hz: tuple[int, int], audio_rate_hz: tuple[int, int], speech_duration_s: float,
                audio_duration_s: float, text_max_tokens: int, hubert_rate_hz: float, latent_rate_hz: float,
-               random_crop: bool, sample_latents: bool = True):
+               random_crop: bool, sample_latents: bool = True, cached_fields: tuple[str, ...] | None = None):
     self.speech_rate_hz = speech_rate_hz  # (stored, wanted)
     self.audio_rate_hz = audio_rate_hz
     self.speech_duration_s = speech_duration_s
@@ -62,6 +62,7 @@ class FitRecord(grain.transforms.RandomMap):
     self.latent_rate_hz = latent_rate_hz
     self.random_crop = random_crop
     self.sample_latents = sample_latents
+    self.cached_fields = cached_fields  # what info.json says every record has (None: whatever a record has)
 
   def _wave(self, wave: np.ndarray, feats: np.ndarray | None, rates: tuple[int, int], duration_s: float,
             feat_rate_hz: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -79,12 +80,24 @@ class FitRecord(grain.transforms.RandomMap):
     out["wave"], out["mask"] = _fit(audio_lib.resample(segment, stored, wanted), int(round(duration_s * wanted)))
     return out
 
+  def _cached(self, r: dict[str, Any], field: str) -> np.ndarray | None:
+    """A cached field, if the split has it for every record: a partly cached split (an interrupted
+    `prepare cache`) serves none, so batches keep one structure."""
+    if self.cached_fields is None:
+      return r.get(field)
+    if field not in self.cached_fields:
+      return None
+    if field not in r:
+      raise UserError(f"record {r['id']} has no cached '{field}' though info.json lists it for this split; "
+                      "re-run `star-jax prepare cache` on the split")
+    return r[field]
+
   def random_map(self, r: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     out: dict[str, Any] = {"id": np.str_(r["id"]), "caption": np.str_(r["caption"]),
                            "_bad": r["_bad"], "_bad_where": r["_bad_where"]}
-    speech = self._wave(r["speech"], r.get("hubert"), self.speech_rate_hz, self.speech_duration_s,
+    speech = self._wave(r["speech"], self._cached(r, "hubert"), self.speech_rate_hz, self.speech_duration_s,
                         self.hubert_rate_hz, rng)
-    latents = r.get("latents")
+    latents = self._cached(r, "latents")
     if latents is not None and "latents_std" in r:  # crop mean ‖ std together, then sample
       latents = np.concatenate([latents, r["latents_std"]], axis=-1)
     audio = self._wave(r["audio"], latents, self.audio_rate_hz, self.audio_duration_s, self.latent_rate_hz, rng)
@@ -176,7 +189,8 @@ def make_iterator(data_cfg, split: str, *, batch_size: int, audio_sample_rate_hz
       hubert_rate_hz=float(info.get("hubert_frame_rate_hz", FEATURE_RATE_HZ)),
       latent_rate_hz=float(info.get("latent_frame_rate_hz", FEATURE_RATE_HZ)),
       random_crop=split == "train" if random_crop is None else random_crop,
-      sample_latents=bool(data_cfg.get("sample_latents", True) if sample_latents is None else sample_latents))
+      sample_latents=bool(data_cfg.get("sample_latents", True) if sample_latents is None else sample_latents),
+      cached_fields=tuple(info["cache"].get(split, {})) if "cache" in info else None)
   shard_options = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count,
                                               drop_remainder=drop_remainder)
   sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard_options, shuffle=shuffle,
