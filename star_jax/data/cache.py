@@ -34,6 +34,7 @@ from star_jax.data import source as source_lib
 from star_jax.errors import UserError
 
 HUBERT_RATE_HZ = 16000  # HuBERT reads 16 kHz speech (DESIGN.md §2)
+GROUP_RECORDS = 512  # records encoded together: enough to fill each length bucket's batches, few enough for RAM
 RATE_KEYS = {"hubert": "hubert_frame_rate_hz", "latents": "latent_frame_rate_hz"}
 DIM_KEYS = {"hubert": "hubert_dim", "latents": "latent_dim"}
 
@@ -238,7 +239,7 @@ def _add_features(model: FrozenModel, recs: list[dict[str, Any]], stored_rate_hz
     for name, value in zip(model.outputs, outs):
       value = value.astype(dtype)
       if not np.all(np.isfinite(value)):
-        raise UserError(f"{where} record {r['id']}: {model.field} features are not finite in {dtype}"
+        raise UserError(f"{where}, record {r['id']}: {model.field} features are not finite in {dtype}"
                         + (" (use --dtype float32)" if dtype != "float32" else " (a broken checkpoint?)"))
       r[name] = value
 
@@ -268,22 +269,37 @@ def cache_split(path: str, split: str, models: Sequence[FrozenModel], *, dtype: 
   bar = tqdm(total=sum(s.num_records for s, _, _ in todo), unit="record", disable=not progress or not todo,
              desc=f"cache {split}: {len(shards) - len(todo)}/{len(shards)} shards done")
   rates = {"speech": info["speech_sample_rate_hz"], "audio": info["audio_sample_rate_hz"]}
-  for shard, sidecar, stale in todo:
-    recs = _read_shard(shard.path)
-    for m in stale:
-      _add_features(m, recs, rates[m.source], dtype, batch_size, f"shard {shard.path}")
-    # The sidecar forgets the fields being replaced before the shard changes: a crash in between leaves
-    # them stale (recomputed on a rerun), never marked with settings they were not computed with.
-    cache = {k: v for k, v in sidecar.get("cache", {}).items() if k not in wanted}
-    sidecar.update(shard=os.path.basename(shard.path), records=len(recs), cache=cache)
-    records.write_json(shard.path + ".json", sidecar)
-    records.write_shard(shard.path, [records.encode_record(r) for r in recs])
-    records.write_json(shard.path + ".json", dict(sidecar, cache=dict(cache, **wanted)))
-    bar.update(len(recs))
+  for group in _groups(todo, GROUP_RECORDS):
+    loaded = [(shard, sidecar, stale, _read_shard(shard.path)) for shard, sidecar, stale in group]
+    for m in models:  # one pass per model over the group's shards that need it: fuller length buckets
+      recs = [r for _, _, stale, rs in loaded if m in stale for r in rs]
+      _add_features(m, recs, rates[m.source], dtype, batch_size, f"split {split}")
+    for shard, sidecar, stale, recs in loaded:
+      # The sidecar forgets the fields being replaced before the shard changes: a crash in between leaves
+      # them stale (recomputed on a rerun), never marked with settings they were not computed with.
+      cache = {k: v for k, v in sidecar.get("cache", {}).items() if k not in {m.field for m in stale}}
+      sidecar.update(shard=os.path.basename(shard.path), records=len(recs), cache=cache)
+      records.write_json(shard.path + ".json", sidecar)
+      records.write_shard(shard.path, [records.encode_record(r) for r in recs])
+      done = dict(cache, **{m.field: wanted[m.field] for m in stale})
+      records.write_json(shard.path + ".json", dict(sidecar, cache=done))
+      bar.update(len(recs))
   bar.close()
   _set_info_cache(path, split, {m.field: dict(wanted[m.field], checkpoint=m.checkpoint) for m in models}, models)
   return dict(split=split, shards=len(shards), shards_written_now=len(todo),
               records=sum(s.num_records for s in shards), fields=sorted(o for m in models for o in m.outputs))
+
+
+def _groups(todo: list, size: int) -> list[list]:
+  """Consecutive shards holding at least `size` records together (the last group may hold fewer)."""
+  groups, current, count = [], [], 0
+  for item in todo:
+    current.append(item)
+    count += item[0].num_records
+    if count >= size:
+      groups.append(current)
+      current, count = [], 0
+  return groups + ([current] if current else [])
 
 
 def _read_sidecar(shard_path: str) -> dict[str, Any]:
