@@ -1,6 +1,7 @@
 """`star-jax prepare cache`: cached HuBERT features and VAE posteriors equal the models run on each record,
 the pipeline serves them aligned with the crops, and a rerun is a no-op."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -174,6 +175,12 @@ def test_rerun_is_a_noop_and_an_interrupted_recache_resumes(setup, capsys, monke
   vae_dir = setup["argv"][setup["argv"].index("--vae") + 1]
   moved = shutil.copytree(vae_dir, str(tmp_path / "moved_vae"))  # the same weights elsewhere: still cached
   assert cli.main([moved if a == vae_dir else a for a in setup["argv"]]) == 0
+  assert "0 of 2 shards written now" in capsys.readouterr().out
+  # A train stage's checkpoint (whole config; component under params/frozen) with the same HuBERT: cached too.
+  stage = save_params(str(tmp_path / "stage1"), {"params": {"bridge": {"w": np.zeros(2)}},
+                                                 "frozen": {"hubert": setup["hubert_p"]}},
+                      {"hubert": dataclasses.asdict(HUBERT_CFG), "seed": 0}, kind="stage1")
+  assert cli.main(["prepare", "cache", "--data", data, "--hubert", stage, "--no-progress"]) == 0
   assert "0 of 2 shards written now" in capsys.readouterr().out
   assert [os.stat(p).st_mtime_ns for p in shards] == before
 

@@ -1,4 +1,4 @@
-"""The optional cache pass: add frozen-model features to a prepared dataset's records, shard by shard, in place.
+"""The optional cache pass: add frozen-model features to a prepared dataset's records, in place.
 
   star-jax prepare cache --data data/audiocaps --hubert ckpt/hubert --vae ckpt/vae [--splits train,val]
 
