@@ -121,6 +121,21 @@ class TrainCheckpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], dict(restored["meta"] or {})
 
+  def restore_numpy(self, step: int | None = None) -> tuple[dict, dict]:
+    """Restore `step` (default: latest) as host numpy arrays, on any device count -> (state dict, meta)."""
+    import orbax.checkpoint as ocp
+
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise UserError(f"no checkpoint to restore in '{self.directory}'")
+    state_dir = os.path.join(self.directory, str(step), "state")
+    with ocp.PyTreeCheckpointer() as ckptr:
+      tree = ckptr.metadata(state_dir).item_metadata.tree
+      as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+      state = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return state, dict(meta or {})
+
   def wait(self) -> None:
     """Block until every pending save is on disk."""
     self._manager.wait_until_finished()

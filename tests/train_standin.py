@@ -37,12 +37,12 @@ class ArrayData:
     for i in nan_at:
       self.x[i] = np.nan
 
-  def iterator(self, split, *, batch_size, shuffle, num_epochs, seed):
+  def iterator(self, split, *, batch_size, shuffle, num_epochs, seed, drop_remainder=True):
     ds = grain.MapDataset.range(len(self.x))
     if shuffle:
       ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs).map(lambda i: {"x": self.x[i], "y": self.y[i], "id": i})
-    return iter(ds.batch(batch_size, drop_remainder=True).to_iter_dataset())
+    return iter(ds.batch(batch_size, drop_remainder=drop_remainder).to_iter_dataset())
 
   def num_examples(self, split):
     return len(self.x)
@@ -71,3 +71,30 @@ def standin_stage(steps=6, batch_size=8, nan_policy="stop", **hp):
 def standin_config(*overrides):
   return load_config("configs/star.py:tiny", ["train.log_every_steps=1", "train.checkpoint_every_steps=2",
                                               *overrides])
+
+
+class RandomRecords:
+  """`Data` with every batch field of star_jax.data.pipeline, random but fixed: speech, audio, labels,
+  text embeddings (with masks); `label_names` as the records' info gives them."""
+
+  def __init__(self, cfg, n=16, num_classes=5, seed=0):
+    r = np.random.default_rng(seed)
+    ts = int(cfg.data.speech_duration_s * cfg.data.speech_sample_rate_hz)
+    ta = int(cfg.data.audio_duration_s * cfg.vae.sample_rate_hz)
+    self.label_names = [f"class{i}" for i in range(num_classes)]
+    lengths = r.integers(ta // 2, ta + 1, n)
+    self.examples = [dict(
+        speech=(0.1 * r.standard_normal(ts)).astype(np.float32), speech_mask=np.arange(ts) < ts - 400 * (i % 3),
+        audio=(0.1 * r.standard_normal(ta)).astype(np.float32), audio_mask=np.arange(ta) < lengths[i],
+        labels=(r.random(num_classes) < 0.4).astype(np.float32),
+        text_emb=r.standard_normal((6, cfg.tta.text_dim)).astype(np.float32), text_mask=np.arange(6) < 3 + i % 4,
+    ) for i in range(n)]
+
+  def iterator(self, split, *, batch_size, shuffle, num_epochs, seed, drop_remainder=True):
+    ds = grain.MapDataset.source(self.examples)
+    if shuffle:
+      ds = ds.shuffle(seed=seed)
+    return iter(ds.repeat(num_epochs).batch(batch_size, drop_remainder=drop_remainder).to_iter_dataset())
+
+  def num_examples(self, split):
+    return len(self.examples)

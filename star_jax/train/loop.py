@@ -96,6 +96,9 @@ def train(cfg: Any, stage: Stage, workdir: str, data: Data, *, mesh: jax.shardin
   hp, tc = stage.hparams, cfg.train
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:  # what `export` and later stages read back
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json(indent=2))
   if tc.nan_policy not in ("stop", "skip"):
     raise UserError(f"train.nan_policy must be 'stop' or 'skip', got '{tc.nan_policy}'")
 

@@ -28,7 +28,7 @@ class Data(Protocol):
   """Batches of numpy arrays with masks (star_jax.data.pipeline) and split sizes."""
 
   def iterator(self, split: str, *, batch_size: int, shuffle: bool, num_epochs: int | None,
-               seed: int) -> Iterator[dict]:
+               seed: int, drop_remainder: bool = True) -> Iterator[dict]:
     """A checkpointable (get_state/set_state) iterator over this process's part of `split`."""
 
   def num_examples(self, split: str) -> int:
@@ -65,13 +65,13 @@ class RecordData:
     self.cfg = cfg
     self.info = records.read_info(cfg.data.path)
 
-  def iterator(self, split, *, batch_size, shuffle, num_epochs, seed):
+  def iterator(self, split, *, batch_size, shuffle, num_epochs, seed, drop_remainder=True):
     from star_jax.data import pipeline
 
     return pipeline.make_iterator(
         self.cfg.data, split, batch_size=batch_size, audio_sample_rate_hz=self.cfg.vae.sample_rate_hz,
         seed=seed, shuffle=shuffle, num_epochs=num_epochs, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        process_count=jax.process_count(), drop_remainder=drop_remainder)
 
   def num_examples(self, split):
     splits = self.info["splits"]
