@@ -10,16 +10,9 @@ import numpy as np
 import optax
 
 from star_jax import sharding
+from star_jax.metrics.scores import mean_average_precision
 from star_jax.train import components
 from star_jax.train.stage import Stage
-
-
-def mean_average_precision(labels_nc: np.ndarray, scores_nc: np.ndarray) -> float:
-  """Mean AP over the classes with at least one positive in the split (as STAR reports mAP)."""
-  from sklearn.metrics import average_precision_score
-  present = labels_nc.sum(0) > 0
-  return float(np.mean([average_precision_score(labels_nc[:, c], scores_nc[:, c])
-                        for c in np.flatnonzero(present)]))
 
 
 def build(cfg, data=None) -> Stage:
