@@ -9,8 +9,10 @@ from star_jax.train.stage import build_stage
 from star_jax.train.writer import read_metrics
 from tests.train_standin import RandomRecords
 
+# The tiny config made smaller still (fewer layers and blocks: compile time dominates these tests).
 SMALL = ["data.speech_duration_s=0.5", "data.audio_duration_s=0.32", "train.log_every_steps=1",
-         "train.checkpoint_every_steps=100"]
+         "train.checkpoint_every_steps=100", "hubert.num_layers=1", "hubert.conv_dim=(16,16,16,16,16,16,16)",
+         "dit.depth=2", "vae.channel_multiples=(1,2)", "vae.downsampling_ratios=(16,20)", "qformer.num_layers=1"]
 
 
 def _cfg(stage, *extra):
@@ -19,7 +21,8 @@ def _cfg(stage, *extra):
   return load_config("configs/star.py:tiny", SMALL + steps + [f"{section}.batch_size=8", *extra])
 
 
-@pytest.mark.parametrize("name", ["vae", "tta", "stage1", "stage2"])
+@pytest.mark.parametrize("name", [pytest.param("vae", marks=pytest.mark.slow),
+                                  pytest.param("tta", marks=pytest.mark.slow), "stage1", "stage2"])
 def test_three_steps(name, tmp_path, mesh1):
   extra = ["stage1.max_epochs=3"] if name == "stage1" else []
   cfg = _cfg(name, *extra)
