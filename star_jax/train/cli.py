@@ -21,11 +21,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config value, e.g. --set stage2.lr=1e-4 (repeatable)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+  p.add_argument("--skip-bad-records", action="store_true",
+                 help="replace unreadable records by good ones and count them (data.skip_bad_records=True)")
 
 
 def setup_logging() -> None:
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
   logging.getLogger("star_jax").setLevel(logging.INFO)
+
+
+def check_config(cfg, stage_name: str) -> None:
+  """Mesh vs devices and batch vs data axes, before any data is opened or anything compiled."""
+  from star_jax import sharding
+  from star_jax.train.stage import stage_section
+
+  mesh = sharding.make_mesh(cfg.mesh.to_dict())
+  sharding.check_batch_size(int(cfg[stage_section(stage_name)].batch_size), mesh)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
   from star_jax.train.stage import RecordData, build_stage
 
   setup_logging()
-  cfg = load_config(args.config, args.overrides)
+  overrides = list(args.overrides) + (["data.skip_bad_records=True"] if args.skip_bad_records else [])
+  cfg = load_config(args.config, overrides)
+  check_config(cfg, args.stage)
   data = RecordData(cfg)
   stage = build_stage(cfg, args.stage, data)
   try:
@@ -42,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
   except loop.TrainingDiverged as e:
     print(f"star-jax train: {e}", file=sys.stderr)
     return 1
+  bad = result.metrics.get("bad_records")
   print(f"star-jax train: {args.stage} {result.status} at step {result.step}"
-        + (f"; best {result.best}" if result.best else ""))
+        + (f"; best {result.best}" if result.best else "")
+        + (f"; skipped {bad} bad records" if bad else ""))
   return 0

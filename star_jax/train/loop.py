@@ -194,6 +194,8 @@ def train(cfg: Any, stage: Stage, workdir: str, data: Data, *, mesh: jax.shardin
     metrics["steps_per_s"] = (step - steps_last) / max(now - t_last, 1e-9)
     if skipped:
       metrics["skipped_steps"] = skipped
+    if getattr(train_iter, "bad_records", 0):  # --skip-bad-records: records replaced so far
+      metrics["bad_records"] = int(train_iter.bad_records)
     t_last, steps_last = now, step
     writer.write(step, metrics)
     last_metrics = metrics
