@@ -289,7 +289,13 @@ def main() -> int:
   import torch
 
   torch.set_num_threads(args.threads)
-  utts = load_utterances(args.data, args.split, args.num_utterances)
+  from star_jax.errors import UserError
+
+  try:
+    utts = load_utterances(args.data, args.split, args.num_utterances)
+  except UserError as e:
+    print(f"error: {e}\n(build the corpus: star-jax prepare opensfx --out {args.data} --audio-rate-hz 16000)")
+    return 2
   seconds = [len(u["speech"]) / SAMPLE_RATE_HZ for u in utts]
   systems = args.systems.split(",")
   results = dict(
