@@ -37,7 +37,7 @@ test-slow: setup
 
 # The latency bench reads the built-in corpus's test split; prepare is a no-op when it is already built.
 bench: setup
-	@test -f data/opensfx/info.json || $(BIN)/star-jax prepare opensfx --out data/opensfx --audio-rate-hz 16000
+	@grep -qs '"test":' data/opensfx/info.json || $(BIN)/star-jax prepare opensfx --out data/opensfx --audio-rate-hz 16000
 	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
 clean:
