@@ -122,6 +122,18 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
                      f"data×fsdp = {d} of mesh {dict(mesh.shape)}; pick a multiple of {d}")
 
 
+def process_batch_rows(mesh: Mesh, global_batch_size: int) -> slice:
+  """The rows of the global batch that this process feeds: those its own devices hold (contiguous)."""
+  check_batch_size(global_batch_size, mesh)
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+  rows = sorted({idx[0].indices(global_batch_size)[:2] for idx in index_map.values()})
+  start, stop = rows[0][0], rows[-1][1]
+  if sum(b - a for a, b in rows) != stop - start:
+    raise ValueError(f"this process's batch rows {rows} are not contiguous; build the mesh with "
+                     f"make_mesh so each process's devices are adjacent on the data axes")
+  return slice(start, stop)
+
+
 def global_batch(local_batch: Any, mesh: Mesh) -> Any:
   """This process's numpy batch (its slice of the global batch) -> global jax arrays on the mesh."""
   sharding = batch_sharding(mesh)
