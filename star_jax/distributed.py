@@ -138,7 +138,7 @@ def first_slurm_host(nodelist: str) -> str:
 
 
 def _tasks_on_this_node(env) -> int:
-  # SLURM_STEP_TASKS_PER_NODE looks like '4(x2),3'; every process reads its own node's count via LOCALID.
+  # SLURM_STEP_TASKS_PER_NODE looks like '8(x2)'; launch/slurm_gpu.sbatch asks for equal nodes.
   raw = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_STEP_TASKS_PER_NODE", "1")
   return int(re.match(r"\d+", raw).group())
 

@@ -92,40 +92,86 @@ def test_cli_flags():
   assert p.parse_args([]).num_processes is None
 
 
-def _run_processes(num_processes: int, timeout_s: float = 240) -> list[dict]:
-  portpicker = pytest.importorskip("portpicker")
-  port = portpicker.pick_unused_port()
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  env.pop("XLA_FLAGS", None)
-  procs = [subprocess.Popen(
-      [sys.executable, os.path.join(REPO, "tests", "distributed_worker.py"),
-       "--coordinator", f"localhost:{port}", "--num-processes", str(num_processes), "--process-id", str(i)],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
-      for i in range(num_processes)]
+def _run_together(commands_envs, timeout_s: float = 240) -> list[str]:
+  """Start every (argv, env) at once, wait with a timeout, kill leftovers -> outputs; all must exit 0."""
+  procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+           for argv, env in commands_envs]
   outputs = []
   try:
-    for p in procs:
-      out, _ = p.communicate(timeout=timeout_s)
-      outputs.append(out)
+    outputs = [p.communicate(timeout=timeout_s)[0] for p in procs]
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
         p.wait()
-  results = []
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
-    line = [l for l in out.splitlines() if l.startswith("RESULT ")][-1]
-    results.append(json.loads(line[len("RESULT "):]))
-  return results
+  return outputs
+
+
+def _free_port() -> int:
+  return pytest.importorskip("portpicker").pick_unused_port()
+
+
+def _run_workers(num_processes: int) -> list[dict]:
+  port = _free_port()
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("STAR_", "SLURM_"))}
+  env.update(PYTHONPATH=REPO)
+  env.pop("XLA_FLAGS", None)
+  worker = os.path.join(REPO, "tests", "distributed_worker.py")
+  outputs = _run_together(
+      [([sys.executable, worker, "--coordinator", f"localhost:{port}", "--num-processes", str(num_processes),
+         "--process-id", str(i)], env) for i in range(num_processes)])
+  return [json.loads([l for l in out.splitlines() if l.startswith("RESULT ")][-1][len("RESULT "):])
+          for out in outputs]
 
 
 def test_two_processes_equal_one():
   """jax.distributed on localhost, gloo CPU collectives, FSDP across the processes."""
-  results = _run_processes(2)
+  results = _run_workers(2)
   assert sorted(r["process_id"] for r in results) == [0, 1]
   n = distributed_worker.DEVICES_PER_PROCESS * 2
   reference = distributed_worker.mlp_losses(jax.devices()[:n])  # one process, the same global batch
   for r in results:
     np.testing.assert_allclose(r["losses"], reference, rtol=0, atol=1e-5)
   assert reference[-1] < reference[0]
+
+
+PROBE = ("from star_jax import distributed; g = distributed.initialize(); import jax; "
+         "print('PROBE', g.source, jax.process_count(), jax.process_index(), len(jax.devices()), flush=True)")
+
+
+def test_local_launcher_runs_a_process_group():
+  """launch/local.sh: N processes, STAR_* environment, distinct ids, a free port."""
+  env = dict(os.environ, PYTHON=sys.executable, DEVICES="1", PYTHONPATH=REPO)
+  out = subprocess.run([os.path.join(REPO, "launch", "local.sh"), "2", sys.executable, "-c", PROBE],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+  assert out.returncode == 0, out.stdout + out.stderr
+  probes = sorted(l for l in out.stdout.splitlines() if "PROBE" in l)
+  assert probes == ["[0] PROBE env 2 0 2", "[1] PROBE env 2 1 2"], out.stdout
+
+
+def test_local_launcher_stops_the_rest_on_failure():
+  script = 'if [ "$STAR_PROCESS_ID" = 1 ]; then exit 3; fi; sleep 60'
+  out = subprocess.run([os.path.join(REPO, "launch", "local.sh"), "2", "bash", "-c", script],
+                       capture_output=True, text=True, timeout=30, env=dict(os.environ, PYTHON=sys.executable))
+  assert out.returncode == 3 and "stopping the others" in out.stderr
+
+
+def test_slurm_environment_joins_without_flags():
+  """What srun gives each task (launch/slurm_gpu.sbatch), on localhost with the CPU backend."""
+  port = str(_free_port())
+  runs = []
+  for i in range(2):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STAR_", "SLURM_"))}
+    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", JAX_COORDINATOR_PORT=port,
+               SLURM_JOB_ID="77", SLURM_NTASKS="2", SLURM_PROCID=str(i), SLURM_LOCALID=str(i),
+               SLURM_STEP_NODELIST="localhost", SLURM_STEP_TASKS_PER_NODE="2")
+    runs.append(([sys.executable, "-c", PROBE], env))
+  for i, out in enumerate(_run_together(runs, timeout_s=120)):
+    assert f"PROBE slurm 2 {i} 2" in out, out[-2000:]
+
+
+def test_tpu_launcher_usage():
+  out = subprocess.run([os.path.join(REPO, "launch", "tpu_pod.sh")], capture_output=True, text=True, timeout=30)
+  assert out.returncode == 2 and "usage" in out.stderr
