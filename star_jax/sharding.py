@@ -79,8 +79,30 @@ def logical_specs(boxed_tree: Any) -> Any:
 
 
 def tree_shardings(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
-  """NamedShardings for every leaf of a boxed tree; unannotated leaves are replicated."""
-  return nn.logical_to_mesh_sharding(logical_specs(boxed_tree), mesh, rules)
+  """NamedShardings for every leaf of a boxed tree; unannotated leaves are replicated.
+
+  A mesh axis that does not divide its dimension (a 1-channel conv, 527 classes) is dropped there:
+  JAX cannot shard unevenly, and that dimension is small.
+  """
+  shardings = nn.logical_to_mesh_sharding(logical_specs(boxed_tree), mesh, rules)
+  return jax.tree.map(lambda s, x: fit_sharding(s, x.shape), shardings, nn.unbox(boxed_tree),
+                      is_leaf=lambda s: isinstance(s, NamedSharding))
+
+
+def fit_sharding(sharding: NamedSharding, shape: Sequence[int]) -> NamedSharding:
+  """`sharding` with each dimension's mesh axes kept only while their product divides the dimension."""
+  spec = []
+  for d, axes in enumerate(tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    kept, size = [], 1
+    for name in names:
+      if shape[d] % (size * sharding.mesh.shape[name]) == 0:
+        kept.append(name)
+        size *= sharding.mesh.shape[name]
+    spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  while spec and spec[-1] is None:
+    spec.pop()
+  return NamedSharding(sharding.mesh, P(*spec))
 
 
 def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *args) -> tuple[Any, Any]:
