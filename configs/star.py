@@ -78,7 +78,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       ("embed", "fsdp"),
       ("mlp", "tensor"),
       ("heads", "tensor"),
-      ("kv", None),
+      ("kv", "fsdp"),  # key/value projection inputs (Q-Former) and per-head norms: FSDP like `embed`
       ("length", None),
       ("conv_in", "fsdp"),
       ("conv_out", "tensor"),
