@@ -107,6 +107,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       batch_size=8 if not paper else 16,
       num_workers=0 if not paper else 8,
       shuffle_seed=0,
+      text_max_tokens=16 if not paper else 32,  # rows of the records' hashed text_emb (tta stage)
   )
 
   # Training stages (DESIGN.md §1). Each stage reads its own section.

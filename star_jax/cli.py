@@ -27,8 +27,16 @@ COMMANDS = {
 }
 
 
+def module_exists(name: str) -> bool:
+  """Whether `name` can be imported, without importing it (False when a parent package is missing)."""
+  try:
+    return importlib.util.find_spec(name) is not None
+  except ModuleNotFoundError:
+    return False
+
+
 def available_commands() -> dict[str, tuple[str, str]]:
-  return {name: entry for name, entry in COMMANDS.items() if importlib.util.find_spec(entry[0]) is not None}
+  return {name: entry for name, entry in COMMANDS.items() if module_exists(entry[0])}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from star_jax.cli import module_exists
+
 # kind -> (module with `add_cli_arguments(parser)` and `convert_cli(args) -> (config, params)`, help)
 CONVERTERS = {
     "hubert": ("star_jax.convert.hubert", "a transformers HubertModel directory (e.g. hubert-large-ll60k)"),
@@ -24,7 +26,7 @@ CONVERTERS = {
 def add_arguments(p: argparse.ArgumentParser) -> None:
   sub = p.add_subparsers(dest="kind", metavar="KIND", required=True)
   for kind, (module_name, help_text) in CONVERTERS.items():
-    if importlib.util.find_spec(module_name) is None:
+    if not module_exists(module_name):
       continue
     module = importlib.import_module(module_name)
     if not hasattr(module, "add_cli_arguments"):

@@ -1,0 +1,135 @@
+"""grain input pipeline: prepared ArrayRecord shards -> fixed-shape, per-process numpy batches with masks.
+
+Each element is decoded, cropped (seeded random start for training, the start for evaluation) or
+zero-padded to the configured durations, resampled when the stored rate differs from the one asked for,
+and batched. Batch fields (B = per-process batch size):
+  speech (B, Ts) f32, speech_mask (B, Ts) bool     Ts = speech_duration_s * speech_sample_rate_hz
+  audio (B, Ta) f32, audio_mask (B, Ta) bool       Ta = audio_duration_s * audio_sample_rate_hz
+  labels (B, C) f32 multi-hot
+  text_emb (B, Lt, Dt) f32, text_mask (B, Lt)      if the records carry text_emb (Lt = text_max_tokens)
+  hubert (B, Th, D), hubert_mask (B, Th)           if cached; Th = speech_duration_s * hubert_frame_rate_hz
+  latents (B, Tl, Dl), latents_mask (B, Tl)        if cached; Tl = audio_duration_s * latent_frame_rate_hz
+  id, caption (B,) numpy unicode arrays            host-only: drop them before device_put
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import grain
+import numpy as np
+
+from star_jax.data import audio as audio_lib
+from star_jax.data import records
+from star_jax.errors import UserError
+
+FEATURE_RATE_HZ = 50  # HuBERT frames and VAE latents: 50 per second (DESIGN.md §2)
+
+
+def _start(length: int, window: int, rng: np.random.Generator, random_crop: bool) -> int:
+  """Crop start in [0, length - window] (0 when the clip fits or for a deterministic crop)."""
+  if not random_crop or length <= window:
+    return 0
+  return int(rng.integers(0, length - window + 1))
+
+
+def _fit(x: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Crop/zero-pad the first axis to `length`; the mask marks real frames."""
+  valid = min(x.shape[0], length)
+  return audio_lib.fit_length(x, length), np.arange(length) < valid
+
+
+class FitRecord(grain.transforms.RandomMap):
+  """Encoded record -> dict of fixed-shape arrays (module-level, so grain's worker processes can unpickle it)."""
+
+  def __init__(self, *, speech_rate_hz: tuple[int, int], audio_rate_hz: tuple[int, int], speech_duration_s: float,
+               audio_duration_s: float, text_max_tokens: int, hubert_rate_hz: int, latent_rate_hz: int,
+               random_crop: bool):
+    self.speech_rate_hz = speech_rate_hz  # (stored, wanted)
+    self.audio_rate_hz = audio_rate_hz
+    self.speech_duration_s = speech_duration_s
+    self.audio_duration_s = audio_duration_s
+    self.text_max_tokens = text_max_tokens
+    self.hubert_rate_hz = hubert_rate_hz
+    self.latent_rate_hz = latent_rate_hz
+    self.random_crop = random_crop
+
+  def _wave(self, wave: np.ndarray, feats: np.ndarray | None, rates: tuple[int, int], duration_s: float,
+            feat_rate_hz: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Crops a waveform (and its cached frame features, aligned in time) to duration_s at rates[1]."""
+    stored, wanted = rates
+    out: dict[str, np.ndarray] = {}
+    if feats is not None:  # choose the start on the frame grid so waveform and features stay aligned
+      num_frames = int(round(duration_s * feat_rate_hz))
+      frame0 = _start(feats.shape[0], num_frames, rng, self.random_crop)
+      out["feats"], out["feats_mask"] = _fit(feats[frame0:frame0 + num_frames], num_frames)
+      start = int(round(frame0 * stored / feat_rate_hz))
+    else:
+      start = _start(wave.shape[0], int(math.ceil(duration_s * stored)), rng, self.random_crop)
+    segment = wave[start:start + int(math.ceil(duration_s * stored))]
+    out["wave"], out["mask"] = _fit(audio_lib.resample(segment, stored, wanted), int(round(duration_s * wanted)))
+    return out
+
+  def random_map(self, data: bytes, rng: np.random.Generator) -> dict[str, Any]:
+    r = records.decode_record(data)
+    out: dict[str, Any] = {"id": np.str_(r["id"]), "caption": np.str_(r["caption"])}
+    speech = self._wave(r["speech"], r.get("hubert"), self.speech_rate_hz, self.speech_duration_s,
+                        self.hubert_rate_hz, rng)
+    audio = self._wave(r["audio"], r.get("latents"), self.audio_rate_hz, self.audio_duration_s,
+                       self.latent_rate_hz, rng)
+    out["speech"], out["speech_mask"] = speech["wave"], speech["mask"]
+    out["audio"], out["audio_mask"] = audio["wave"], audio["mask"]
+    if "feats" in speech:
+      out["hubert"], out["hubert_mask"] = speech["feats"], speech["feats_mask"]
+    if "feats" in audio:
+      out["latents"], out["latents_mask"] = audio["feats"], audio["feats_mask"]
+    out["labels"] = r["labels"].astype(np.float32)
+    if "text_emb" in r:
+      out["text_emb"], out["text_mask"] = _fit(r["text_emb"], self.text_max_tokens)
+    return out
+
+
+def make_iterator(data_cfg, split: str, *, batch_size: int, audio_sample_rate_hz: int, seed: int = 0,
+                  shuffle: bool = True, num_epochs: int | None = None, process_index: int | None = None,
+                  process_count: int | None = None, drop_remainder: bool = True, num_workers: int | None = None,
+                  random_crop: bool | None = None):
+  """A checkpointable grain iterator (next, get_state, set_state) over this process's batches of `split`.
+
+  Process i of n reads records [i*N/n, (i+1)*N/n) of the (shuffled) index space; with drop_remainder every
+  process gets the same number of records and batches (what multi-host training needs).
+  random_crop defaults to split == "train"; crops are seeded by (seed, record position), so they replay
+  exactly after a restore.
+  """
+  import absl.flags
+
+  path = data_cfg["path"]
+  info = records.read_info(path)
+  if split not in info.get("splits", {}):
+    raise UserError(f"{path} has no split '{split}'; it has {sorted(info.get('splits', {}))}")
+  paths = records.shard_paths(path, split)
+  if not paths:
+    raise UserError(f"{path}: no shards for split '{split}'")
+  if process_index is None or process_count is None:
+    import jax
+
+    process_index, process_count = jax.process_index(), jax.process_count()
+  num_workers = data_cfg.get("num_workers", 0) if num_workers is None else num_workers
+  if num_workers and not absl.flags.FLAGS.is_parsed():
+    absl.flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
+  fit = FitRecord(
+      speech_rate_hz=(info["speech_sample_rate_hz"], data_cfg.get("speech_sample_rate_hz", 16000)),
+      audio_rate_hz=(info["audio_sample_rate_hz"], audio_sample_rate_hz),
+      speech_duration_s=float(data_cfg["speech_duration_s"]), audio_duration_s=float(data_cfg["audio_duration_s"]),
+      text_max_tokens=int(data_cfg.get("text_max_tokens", 16)),
+      hubert_rate_hz=int(info.get("hubert_frame_rate_hz", FEATURE_RATE_HZ)),
+      latent_rate_hz=int(info.get("latent_frame_rate_hz", FEATURE_RATE_HZ)),
+      random_crop=split == "train" if random_crop is None else random_crop)
+  source = grain.sources.ArrayRecordDataSource(paths)
+  shard_options = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count,
+                                              drop_remainder=drop_remainder)
+  sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard_options, shuffle=shuffle,
+                                        num_epochs=num_epochs, seed=int(seed))
+  loader = grain.DataLoader(data_source=source, sampler=sampler, worker_count=num_workers,
+                            operations=[fit, grain.transforms.Batch(batch_size, drop_remainder=drop_remainder)])
+  return iter(loader)

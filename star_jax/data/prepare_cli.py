@@ -1,0 +1,162 @@
+"""Build ArrayRecord datasets of (speech, audio, labels) records; see README "Data".
+
+  star-jax prepare opensfx --out data/opensfx --audio-rate-hz 16000
+  star-jax prepare audiocaps --captions train.csv --audio-dir clips/ --audioset-segments seg.csv \\
+      --audioset-classes class_labels_indices.csv --tts vits --tts-model vits-ljs/ --out data/audiocaps
+
+A rerun skips the shards already written; each split gets a JSON report of every skipped item and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+SPEECH_RATE_HZ = 16000
+
+
+def _workers_default() -> int:
+  return max(1, min(os.cpu_count() or 1, 8))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  sub = p.add_subparsers(dest="source", metavar="SOURCE", required=True)
+
+  o = sub.add_parser("opensfx", help="the built-in OpenSFX corpus with espeak-ng speech")
+  o.add_argument("--out", required=True, help="dataset directory to write")
+  o.add_argument("--cat", default=None, help="path of opensfx.cat (default: the Debian package's)")
+  o.add_argument("--audio-rate-hz", type=int, default=24000, help="rate the audio is stored at (the VAE's)")
+  o.add_argument("--text-dim", type=int, default=64, help="width of the hashed caption embedding (0: none)")
+  o.add_argument("--shard-size", type=int, default=64, help="records per shard")
+  o.add_argument("--workers", type=int, default=_workers_default(), help="parallel processes")
+  o.add_argument("--no-progress", action="store_true")
+
+  a = sub.add_parser("audiocaps", help="AudioCaps clips + AudioSet labels + synthesised speech")
+  a.add_argument("--captions", required=True, help="AudioCaps CSV: audiocap_id, youtube_id, start_time, caption")
+  a.add_argument("--audio-dir", required=True, help="folder holding the downloaded clips")
+  a.add_argument("--audio-pattern", action="append", default=None,
+                 help="file name under --audio-dir, with {youtube_id} {audiocap_id} {start}; repeatable "
+                      "(default: {youtube_id}.wav, Y{youtube_id}.wav, {youtube_id}_{start}.wav, ... and "
+                      ".flac/.ogg/.mp3)")
+  a.add_argument("--audioset-segments", required=True, nargs="+", help="AudioSet segment CSV(s)")
+  a.add_argument("--audioset-classes", required=True, help="AudioSet class_labels_indices.csv")
+  a.add_argument("--tts", choices=("vits", "espeak"), default="espeak")
+  a.add_argument("--tts-model", default=None, help="local transformers VitsModel directory (--tts vits)")
+  a.add_argument("--noise-scale", type=float, default=0.667, help="VITS noise scale (STAR: 0.667)")
+  a.add_argument("--noise-scale-duration", type=float, default=0.8, help="VITS duration noise (STAR: 0.8)")
+  a.add_argument("--tts-batch-size", type=int, default=8)
+  a.add_argument("--out", required=True, help="dataset directory to write (one per dataset; splits add up)")
+  a.add_argument("--split", default=None, help="split name (default: the captions file's stem)")
+  a.add_argument("--all-captions", action="store_true", help="one record per caption, not per clip")
+  a.add_argument("--audio-rate-hz", type=int, default=24000, help="rate the audio is stored at (the VAE's)")
+  a.add_argument("--max-duration-s", type=float, default=10.0, help="longer clips are cut")
+  a.add_argument("--min-duration-s", type=float, default=1.0, help="shorter clips are skipped")
+  a.add_argument("--text-dim", type=int, default=64, help="width of the hashed caption embedding (0: none)")
+  a.add_argument("--shard-size", type=int, default=256, help="items per shard")
+  a.add_argument("--workers", type=int, default=_workers_default(), help="parallel processes")
+  a.add_argument("--seed", type=int, default=0, help="TTS seed (voice choice, VITS noise)")
+  a.add_argument("--no-progress", action="store_true")
+
+
+def _check_settings(out: str, split: str, settings: dict) -> None:
+  """A rerun resumes only with the settings that wrote the finished shards."""
+  from star_jax.data import records
+  from star_jax.errors import UserError
+
+  os.makedirs(out, exist_ok=True)
+  file = os.path.join(out, f"{split}.prep.json")
+  if os.path.exists(file):
+    with open(file) as f:
+      before = json.load(f)
+    if before != settings:
+      changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+      raise UserError(f"{out} holds split '{split}' prepared with other settings ({', '.join(changed)}); "
+                      "use a new --out or delete the split's files")
+  else:
+    records.write_json(file, settings)
+
+
+def run_opensfx(args: argparse.Namespace) -> int:
+  from star_jax.data import opensfx, records, shards
+
+  start = time.time()
+  cat = args.cat or opensfx.CAT_PATH
+  if not os.path.isfile(cat):
+    from star_jax.errors import UserError
+    raise UserError(f"{cat} not found: install Debian's openttd-opensfx (apt-get install openttd-opensfx)")
+  clips = opensfx.read_cat(cat)
+  classes, specs = opensfx.plan(clips)
+  settings = dict(source="opensfx", audio_rate_hz=args.audio_rate_hz, text_dim=args.text_dim,
+                  shard_size=args.shard_size)
+  report = dict(source="opensfx", classes=len(classes), clips=len(clips),
+                clips_duration_s=round(sum(c.wave.shape[0] / c.rate_hz for c in clips), 1), splits={})
+  for split, split_specs in specs.items():
+    _check_settings(args.out, split, settings)
+    summary = shards.write_split(
+        args.out, split, shards.chunk(split_specs, args.shard_size), opensfx.build_records,
+        speech_rate=SPEECH_RATE_HZ, audio_rate=args.audio_rate_hz, workers=args.workers,
+        init=opensfx.init_worker, init_args=(cat, args.audio_rate_hz, SPEECH_RATE_HZ, args.text_dim),
+        progress=not args.no_progress)
+    records.update_info(args.out, split, summary["records"], source="opensfx", label_names=classes,
+                        speech_sample_rate_hz=SPEECH_RATE_HZ, audio_sample_rate_hz=args.audio_rate_hz,
+                        text_dim=args.text_dim, credits=opensfx.credits(clips))
+    report["splits"][split] = {k: summary[k] for k in ("records", "audio_s", "speech_s", "voices", "shards",
+                                                       "shards_written_now")}
+  report["records"] = sum(s["records"] for s in report["splits"].values())
+  report["audio_s"] = round(sum(s["audio_s"] for s in report["splits"].values()), 1)
+  report["build_s"] = round(time.time() - start, 1)
+  records.write_json(os.path.join(args.out, "report.json"), report)
+  print(json.dumps(report, indent=1))
+  return 0
+
+
+def run_audiocaps(args: argparse.Namespace) -> int:
+  from star_jax.data import audiocaps, records, shards
+  from star_jax.errors import UserError
+
+  start = time.time()
+  split = args.split or os.path.splitext(os.path.basename(args.captions))[0]
+  if not os.path.isdir(args.audio_dir):
+    raise UserError(f"--audio-dir {args.audio_dir}: not a directory")
+  items = audiocaps.read_captions(args.captions, all_captions=args.all_captions)
+  if not items:
+    raise UserError(f"{args.captions}: no captions")
+  names, mids, labels = audiocaps.read_audioset(args.audioset_segments, args.audioset_classes)
+  tts_kwargs = {}
+  if args.tts == "vits":
+    tts_kwargs = dict(noise_scale=args.noise_scale, noise_scale_duration=args.noise_scale_duration,
+                      batch_size=args.tts_batch_size)
+  wanted = {i["youtube_id"] for i in items}
+  settings = dict(source="audiocaps", captions=os.path.abspath(args.captions),
+                  audio_dir=os.path.abspath(args.audio_dir), audio_patterns=args.audio_pattern,
+                  tts=args.tts, tts_model=args.tts_model, tts_kwargs=tts_kwargs, all_captions=args.all_captions,
+                  audio_rate_hz=args.audio_rate_hz, max_duration_s=args.max_duration_s,
+                  min_duration_s=args.min_duration_s, text_dim=args.text_dim, shard_size=args.shard_size,
+                  seed=args.seed)
+  _check_settings(args.out, split, settings)
+  worker = dict(settings, audio_dir=os.path.abspath(args.audio_dir), speech_rate_hz=SPEECH_RATE_HZ,
+                patterns=args.audio_pattern or audiocaps.DEFAULT_PATTERNS, num_labels=len(names),
+                labels={k: v for k, v in labels.items() if k in wanted})
+  summary = shards.write_split(
+      args.out, split, shards.chunk(items, args.shard_size), audiocaps.build_records,
+      speech_rate=SPEECH_RATE_HZ, audio_rate=args.audio_rate_hz, workers=args.workers,
+      init=audiocaps.init_worker, init_args=(worker,), progress=not args.no_progress)
+  records.update_info(args.out, split, summary["records"], source="audiocaps", label_names=names,
+                      label_mids=mids, speech_sample_rate_hz=SPEECH_RATE_HZ,
+                      audio_sample_rate_hz=args.audio_rate_hz, text_dim=args.text_dim)
+  reasons: dict[str, int] = {}
+  for s in summary["skipped"]:
+    key = s["reason"].split(":")[0]
+    reasons[key] = reasons.get(key, 0) + 1
+  report = dict(summary, skipped_by_reason=reasons, build_s=round(time.time() - start, 1))
+  report_file = os.path.join(args.out, f"{split}.report.json")
+  records.write_json(report_file, report)
+  print(f"{split}: {report['records']} records from {report['items']} items, {len(report['skipped'])} skipped "
+        f"{reasons}; report: {report_file}")
+  return 0
+
+
+def run(args: argparse.Namespace) -> int:
+  return {"opensfx": run_opensfx, "audiocaps": run_audiocaps}[args.source](args)
