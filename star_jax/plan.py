@@ -246,13 +246,95 @@ def parse_mesh(text: str) -> dict[str, int]:
   return sizes
 
 
+FEATURE_RATE_HZ = 50  # cached HuBERT frames and VAE latents per second (DESIGN.md §2)
+
+
+def batch_spec(cfg: Any, keys: Sequence[str], batch_size: int, cached: bool) -> dict[str, tuple]:
+  """The step's batch as the data pipeline delivers it: key -> (shape, dtype), for the keys a stage reads.
+
+  `cached`: records carry HuBERT features and VAE latents, so frozen encoders do not run in the step.
+  """
+  d = cfg.data
+  speech = int(round(d.speech_duration_s * d.speech_sample_rate_hz))
+  audio = int(round(d.audio_duration_s * cfg.vae.sample_rate_hz))
+  frames = int(round(d.speech_duration_s * FEATURE_RATE_HZ))
+  latents = int(round(d.audio_duration_s * FEATURE_RATE_HZ))
+  b = batch_size
+  spec = {"speech": ((b, speech), "float32"), "speech_mask": ((b, speech), "bool"),
+          "audio": ((b, audio), "float32"), "audio_mask": ((b, audio), "bool"),
+          "labels": ((b, int(cfg.classifier.num_classes) or 527), "float32")}
+  if "text_emb" in keys:
+    tokens = int(d.get("text_max_tokens", 16))
+    spec.update(text_emb=((b, tokens, int(cfg.tta.text_dim)), "float32"), text_mask=((b, tokens), "bool"))
+  if cached:
+    spec.update(hubert=((b, frames, int(cfg.hubert.hidden_size)), "float32"), hubert_mask=((b, frames), "bool"),
+                latents=((b, latents, int(cfg.vae.latent_channels)), "float32"),
+                latents_mask=((b, latents), "bool"))
+  return {k: v for k, v in spec.items() if k in keys}
+
+
+@dataclasses.dataclass(frozen=True)
+class StageStep:
+  """A stage's train step with abstract, sharded arguments: what `plan_stage` compiles."""
+  step: Callable
+  args: tuple  # (state, batch, rng) as ShapeDtypeStructs with shardings
+  out_shardings: Any
+  groups: dict[str, Any]  # report name -> part of `args`
+  rules: Any
+
+
+def stage_step(cfg: Any, stage_name: str, mesh, batch_size: int, cached: bool = False) -> StageStep:
+  """`stage_name`'s train step (star_jax.train) and its abstract state and batch on `mesh`; no allocation."""
+  import jax
+  import numpy as np
+
+  from star_jax import sharding
+  from star_jax.train import stage as stage_lib, state as state_lib
+
+  stage = stage_lib.build_stage(cfg, stage_name)
+  hp = stage.hparams
+  rules = sharding.logical_rules(cfg.logical_axis_rules)
+  schedule = state_lib.make_schedule(hp, 1000, max(int(hp.get("steps") or 0), 2000))
+  tx = state_lib.make_optimizer(hp, schedule)
+  ema_decay = float(hp.get("ema_decay", 0.0) or 0.0)
+  rng = jax.random.PRNGKey(0)
+  shapes, shardings = state_lib.state_layout(stage.init, tx, mesh, rules, rng, ema_decay > 0)
+  state = abstract(shapes, shardings)
+  batch = {k: jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=sharding.batch_sharding(mesh))
+           for k, (shape, dtype) in batch_spec(cfg, stage.batch_keys, batch_size, cached).items()}
+  replicated = sharding.replicated(mesh)
+  groups = {"params (trained)": state.params, "optimizer state": state.opt_state,
+            "frozen models": state.frozen}
+  if state.ema is not None:
+    groups["EMA params"] = state.ema
+  groups["batch"] = batch
+  return StageStep(state_lib.make_train_step(stage.loss, tx, schedule, ema_decay),
+                   (state, batch, jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated)),
+                   (shardings, replicated), groups, rules)
+
+
+def plan_stage(cfg: Any, stage_name: str, mesh, batch_size: int, cached: bool = False) -> StepPlan:
+  """Compile `stage_name`'s train step for `mesh` ahead of time, as the train loop does -> its plan."""
+  import flax.linen as nn
+  import jax
+  s = stage_step(cfg, stage_name, mesh, batch_size, cached)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(s.rules):
+    compiled = compile_ahead(s.step, s.args, out_shardings=s.out_shardings, donate_argnums=(0,))
+  return analyse(compiled, s.groups, mesh)
+
+
+STAGES = ("vae", "tta", "stage1", "stage2")
+
+
 def add_arguments(p) -> None:
   p.add_argument("--config", default="configs/star.py:paper", help="config file and variant")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-  p.add_argument("--stage", default="stage2", choices=sorted(STAGES), help="which train step to plan")
+  p.add_argument("--stage", default="stage2", choices=STAGES, help="which train step to plan")
   p.add_argument("--mesh", required=True, help="mesh sizes, e.g. data=2,fsdp=4,tensor=1")
   p.add_argument("--batch", type=int, required=True, help="global batch size")
   p.add_argument("--accelerator", default="h100", choices=sorted(ACCELERATORS))
+  p.add_argument("--cached-features", action="store_true",
+                 help="records carry HuBERT features and VAE latents (frozen encoders do not run)")
 
 
 def run(args) -> int:
@@ -268,9 +350,6 @@ def run(args) -> int:
   cfg = config_lib.load_config(args.config, args.set)
   mesh = sharding.make_mesh(sizes, jax.devices()[:num_devices])
   sharding.check_batch_size(args.batch, mesh)
-  plan = STAGES[args.stage](cfg, mesh, args.batch)
+  plan = plan_stage(cfg, args.stage, mesh, args.batch, args.cached_features)
   print(report(plan, predict(plan, ACCELERATORS[args.accelerator]), args.batch))
   return 0
-
-
-STAGES: dict[str, Callable[..., StepPlan]] = {}

@@ -85,8 +85,24 @@ def tree_shardings(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
   JAX cannot shard unevenly, and that dimension is small.
   """
   shardings = nn.logical_to_mesh_sharding(logical_specs(boxed_tree), mesh, rules)
-  return jax.tree.map(lambda s, x: fit_sharding(s, x.shape), shardings, nn.unbox(boxed_tree),
-                      is_leaf=lambda s: isinstance(s, NamedSharding))
+  return jax.tree.map(lambda s, x: with_fsdp(fit_sharding(s, x.shape), x.shape), shardings,
+                      nn.unbox(boxed_tree), is_leaf=lambda s: isinstance(s, NamedSharding))
+
+
+def with_fsdp(sharding: NamedSharding, shape: Sequence[int]) -> NamedSharding:
+  """A kernel whose logical axes put nothing on `fsdp` (e.g. a LoRA rank axis) is split over `fsdp` on
+  its largest free dimension that `fsdp` divides, so FSDP memory falls as 1/fsdp for every kernel."""
+  mesh = sharding.mesh
+  size = dict(mesh.shape).get("fsdp", 1)
+  spec = list(tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec)))
+  used = {a for axes in spec if axes for a in ((axes,) if isinstance(axes, str) else axes)}
+  if len(shape) < 2 or size == 1 or "fsdp" in used:
+    return sharding
+  free = [d for d in range(len(shape)) if spec[d] is None and shape[d] % size == 0]
+  if not free:
+    return sharding
+  spec[max(free, key=lambda d: shape[d])] = "fsdp"
+  return NamedSharding(mesh, P(*spec))
 
 
 def fit_sharding(sharding: NamedSharding, shape: Sequence[int]) -> NamedSharding:
