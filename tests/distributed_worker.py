@@ -1,6 +1,6 @@
 """One process of the multi-process test (tests/test_distributed.py): join the job, train, print losses.
 
-  python tests/distributed_worker.py --coordinator localhost:PORT --num-processes 2 --process-id I
+  python tests/distributed_worker.py --coordinator localhost:PORT --num-processes 2 --process-id I [--model stage2]
 
 Each process feeds only its own rows of a fixed global batch; the losses must equal a one-process run's.
 """
@@ -70,6 +70,56 @@ def mlp_losses(devices) -> list[float]:
   return losses
 
 
+def stage_batch_np(cfg, keys, cached: bool):
+  """A fixed random global batch for a stage: waveforms, features and masks (padded tails) from seed 0."""
+  import numpy as np
+  from star_jax import plan
+  rng = np.random.default_rng(0)
+  out = {}
+  for key, (shape, dtype) in plan.batch_spec(cfg, keys, GLOBAL_BATCH, cached).items():
+    if dtype == "bool":  # example i keeps the first (1 - i/16) of its frames
+      keep = (np.arange(shape[1])[None, :] < (shape[1] * (1 - np.arange(shape[0]) / 16))[:, None])
+      out[key] = keep
+    else:
+      out[key] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+  return out
+
+
+def stage_losses(devices, mesh_sizes=MESH, stage_name="stage2", config="configs/star.py:tiny",
+                 cached=True, steps=STEPS) -> list[float]:
+  """`steps` train steps of a stage (star_jax.train) on a mesh over `devices`; each process feeds its rows."""
+  import flax.linen as nn
+  import jax
+
+  from star_jax import sharding
+  from star_jax.config import load_config
+  from star_jax.train import stage as stage_lib, state as state_lib
+
+  cfg = load_config(config)
+  mesh = sharding.make_mesh(mesh_sizes, devices)
+  rules = sharding.logical_rules(cfg.logical_axis_rules)
+  stage = stage_lib.build_stage(cfg, stage_name)
+  schedule = state_lib.make_schedule(stage.hparams, 10, 100)
+  tx = state_lib.make_optimizer(stage.hparams, schedule)
+  init_rng, step_rng = jax.random.split(jax.random.PRNGKey(0))
+  _, shardings = state_lib.state_layout(stage.init, tx, mesh, rules, init_rng, False)
+  state = state_lib.init_state(stage.init, tx, mesh, rules, init_rng, shardings)
+  full = stage_batch_np(cfg, stage.batch_keys, cached)
+  rows = sharding.process_batch_rows(mesh, GLOBAL_BATCH)
+  batch = sharding.global_batch({k: v[rows] for k, v in full.items()}, mesh)
+  replicated = sharding.replicated(mesh)
+  step = jax.jit(state_lib.make_train_step(stage.loss, tx, schedule),
+                 in_shardings=(shardings, sharding.shardings_of(batch), replicated),
+                 out_shardings=(shardings, replicated), donate_argnums=0)
+  step_rng = jax.device_put(step_rng, replicated)
+  losses = []
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    for _ in range(steps):
+      state, metrics = step(state, batch, step_rng)
+      losses.append(float(metrics["loss"]))
+  return losses
+
+
 def main(argv=None) -> int:
   import jax
   jax.config.update("jax_platforms", "cpu")
@@ -77,12 +127,14 @@ def main(argv=None) -> int:
   from star_jax import distributed
 
   parser = argparse.ArgumentParser()
+  parser.add_argument("--model", choices=("mlp", "stage2"), default="mlp",
+                      help="mlp: a small FSDP+TP MLP; stage2: the tiny config's stage-2 step")
   distributed.add_distributed_arguments(parser)
   args = parser.parse_args(argv)
   group = distributed.initialize_from_args(args)
   assert jax.process_count() == group.num_processes and jax.process_index() == group.process_id
   assert len(jax.devices()) == DEVICES_PER_PROCESS * group.num_processes
-  losses = mlp_losses(jax.devices())
+  losses = mlp_losses(jax.devices()) if args.model == "mlp" else stage_losses(jax.devices())
   print("RESULT " + json.dumps({"process_id": jax.process_index(), "losses": losses}), flush=True)
   return 0
 

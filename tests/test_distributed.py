@@ -113,7 +113,7 @@ def _free_port() -> int:
   return pytest.importorskip("portpicker").pick_unused_port()
 
 
-def _run_workers(num_processes: int) -> list[dict]:
+def _run_workers(num_processes: int, *extra: str, timeout_s: float = 240) -> list[dict]:
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if not k.startswith(("STAR_", "SLURM_"))}
   env.update(PYTHONPATH=REPO)
@@ -121,7 +121,7 @@ def _run_workers(num_processes: int) -> list[dict]:
   worker = os.path.join(REPO, "tests", "distributed_worker.py")
   outputs = _run_together(
       [([sys.executable, worker, "--coordinator", f"localhost:{port}", "--num-processes", str(num_processes),
-         "--process-id", str(i)], env) for i in range(num_processes)])
+         "--process-id", str(i), *extra], env) for i in range(num_processes)], timeout_s)
   return [json.loads([l for l in out.splitlines() if l.startswith("RESULT ")][-1][len("RESULT "):])
           for out in outputs]
 
@@ -135,6 +135,18 @@ def test_two_processes_equal_one():
   for r in results:
     np.testing.assert_allclose(r["losses"], reference, rtol=0, atol=1e-5)
   assert reference[-1] < reference[0]
+
+
+
+@pytest.mark.slow
+def test_two_processes_train_stage2_like_one():
+  """3 stage-2 steps of the tiny config, batch split over two processes == one process (issue 8)."""
+  pytest.importorskip("star_jax.train.stage2")
+  results = _run_workers(2, "--model", "stage2", timeout_s=900)
+  n = distributed_worker.DEVICES_PER_PROCESS * 2
+  reference = distributed_worker.stage_losses(jax.devices()[:n])
+  for r in results:
+    np.testing.assert_allclose(r["losses"], reference, rtol=0, atol=1e-5)
 
 
 PROBE = ("from star_jax import distributed; g = distributed.initialize(); import jax; "
