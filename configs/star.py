@@ -35,18 +35,18 @@ def _qformer(variant: str, speech_dim: int) -> dict:
   if variant == "paper":
     return dict(num_queries=32, hidden_size=768, num_heads=12, intermediate_size=3072, num_layers=2,
                 cross_attention_frequency=2, encoder_hidden_size=speech_dim, output_size=1024,
-                layer_norm_eps=1e-12, dtype="bfloat16")
+                layer_norm_eps=1e-12, query_layer_norm=True, dropout_rate=0.1, dtype="bfloat16")
   return dict(num_queries=8, hidden_size=32, num_heads=2, intermediate_size=64, num_layers=2,
               cross_attention_frequency=2, encoder_hidden_size=speech_dim, output_size=64,
-              layer_norm_eps=1e-12, dtype="float32")
+              layer_norm_eps=1e-12, query_layer_norm=True, dropout_rate=0.1, dtype="float32")
 
 
 def _dit(variant: str, context_dim: int) -> dict:
   if variant == "paper":  # EzAudio DiT-L
     return dict(latent_channels=128, hidden_size=1024, depth=24, num_heads=16, mlp_ratio=4,
-                context_dim=context_dim, lora_rank=32, remat="dots", dtype="bfloat16")
+                context_dim=context_dim, lora_rank=32, lora_alpha=32.0, remat="dots", dtype="bfloat16")
   return dict(latent_channels=16, hidden_size=64, depth=4, num_heads=4, mlp_ratio=4,
-              context_dim=context_dim, lora_rank=8, remat="none", dtype="float32")
+              context_dim=context_dim, lora_rank=8, lora_alpha=8.0, remat="none", dtype="float32")
 
 
 def _vae(variant: str) -> dict:
@@ -108,6 +108,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       num_workers=0 if not paper else 8,
       shuffle_seed=0,
       text_max_tokens=16 if not paper else 32,  # rows of the records' hashed text_emb (tta stage)
+      skip_bad_records=False,  # True: replace and count unreadable records instead of stopping (README)
   )
 
   # Training stages (DESIGN.md §1). Each stage reads its own section.

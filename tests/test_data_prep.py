@@ -221,7 +221,7 @@ def test_opensfx_records(monkeypatch):
   classes, specs = opensfx.plan(clips)
   opensfx.init_worker(opensfx.CAT_PATH, 16000, 16000, 8)
   mixture = next(s for s in specs["test"] if s.mode == "sequence")
-  recs, skipped = opensfx.build_records([specs["train"][0], mixture])
+  recs, skipped, _ = opensfx.build_records([specs["train"][0], mixture])
   assert not skipped and len(recs) == 2
   assert recs[0]["labels"].sum() == 1 and recs[1]["labels"].sum() == 2
   a, b = (opensfx._STATE["waves"][k] for k in mixture.clips)
@@ -241,5 +241,5 @@ def test_a_tts_failure_skips_only_its_item(monkeypatch):
   wave = np.ones(16000, np.float32)
   monkeypatch.setattr(audiocaps, "_STATE", dict(tts=Flaky(), seed=0, num_labels=3, text_dim=0))
   good = [(dict(id=i, caption=c), wave, [0], f"{i}.wav") for i, c in (("a", "a dog"), ("b", "boom"))]
-  recs, skipped = audiocaps._finish(good, [])
+  recs, skipped, _ = audiocaps._finish(good, [], [])
   assert [r["id"] for r in recs] == ["a"] and skipped == [dict(id="b", reason="tts failed: RuntimeError: cannot say boom")]

@@ -4,6 +4,8 @@
   star-jax convert qformer --from CKPT --out CKPT_DIR
   star-jax convert vae     --from CKPT --out CKPT_DIR
   star-jax convert dit     --from CKPT --out CKPT_DIR
+  star-jax convert cnn14   --from Cnn14_16k_mAP=0.438.pth --out CKPT_DIR   (evaluation)
+  star-jax convert vggish  --from vggish-10086976.pth --out CKPT_DIR       (evaluation)
 Torch checkpoints are read with `torch.load(weights_only=True)` or safetensors, never a full unpickle.
 """
 
@@ -20,6 +22,8 @@ CONVERTERS = {
     "qformer": ("star_jax.convert.qformer", "a Blip2QFormerModel directory or a STAR/LAVIS checkpoint"),
     "vae": ("star_jax.convert.vae", "a diffusers AutoencoderOobleck directory or a stable-audio/EzAudio VAE"),
     "dit": ("star_jax.convert.dit", "an EzAudio or STAR DiT checkpoint"),
+    "cnn14": ("star_jax.convert.cnn14", "a PANNs CNN14 checkpoint (Cnn14_16k_mAP=0.438.pth), for FD/KL/IS"),
+    "vggish": ("star_jax.convert.vggish", "a torchvggish checkpoint (vggish-10086976.pth), for FAD"),
 }
 
 

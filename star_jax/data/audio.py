@@ -38,8 +38,9 @@ def to_mono(wave: np.ndarray) -> np.ndarray:
   return wave.mean(axis=1) if wave.ndim == 2 else wave
 
 
-def load_audio(path: str, rate_hz: int, *, max_duration_s: float | None = None) -> np.ndarray:
-  """Reads any soundfile/librosa-readable file as mono float32 at rate_hz; raises AudioError if unreadable."""
+def read_audio(path: str, rate_hz: int, *, max_duration_s: float | None = None) -> tuple[np.ndarray, float]:
+  """Any soundfile/librosa-readable file -> (mono float32 at rate_hz cut at max_duration_s, the file's duration
+  in s). Reads only the frames it keeps (an hour-long file costs what 10 s cost); raises AudioError if unusable."""
   if not os.path.isfile(path):
     raise AudioError("missing file")
   if os.path.getsize(path) == 0:
@@ -47,22 +48,29 @@ def load_audio(path: str, rate_hz: int, *, max_duration_s: float | None = None) 
   try:
     import soundfile as sf
 
-    wave, src_rate = sf.read(path, dtype="float32", always_2d=False)
+    with sf.SoundFile(path) as f:
+      src_rate, duration_s = f.samplerate, f.frames / f.samplerate
+      keep = -1 if max_duration_s is None else int(math.ceil(max_duration_s * src_rate))
+      wave = f.read(keep, dtype="float32", always_2d=True)
   except Exception as sf_error:  # noqa: BLE001 - any decoder failure is a skip reason, not a crash
     try:  # mp3/m4a and other formats soundfile lacks
       import librosa
 
       with warnings.catch_warnings():  # librosa warns on every fallback to audioread
         warnings.simplefilter("ignore")
-        wave, src_rate = librosa.load(path, sr=None, mono=True)
+        wave, src_rate = librosa.load(path, sr=None, mono=True, duration=max_duration_s)
+      duration_s = wave.shape[0] / src_rate
     except Exception:  # noqa: BLE001
       raise AudioError(f"unreadable: {type(sf_error).__name__}: {str(sf_error)[:120]}") from None
-  wave = to_mono(wave)
-  if max_duration_s is not None:
-    wave = wave[: int(math.ceil(max_duration_s * src_rate))]
+  wave = to_mono(wave)  # mixes any number of channels down
   if not np.all(np.isfinite(wave)):
-    raise AudioError("unreadable: non-finite samples")
-  return resample(wave, int(src_rate), rate_hz)
+    raise AudioError("unreadable: non-finite samples (NaN or Inf)")
+  return resample(wave, int(src_rate), rate_hz), float(duration_s)
+
+
+def load_audio(path: str, rate_hz: int, *, max_duration_s: float | None = None) -> np.ndarray:
+  """Reads any soundfile/librosa-readable file as mono float32 at rate_hz; raises AudioError if unreadable."""
+  return read_audio(path, rate_hz, max_duration_s=max_duration_s)[0]
 
 
 def check_audio(wave: np.ndarray, rate_hz: int, *, min_duration_s: float, silence_peak: float = 1e-4) -> None:

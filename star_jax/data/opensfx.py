@@ -172,7 +172,7 @@ def _mix(spec: Spec) -> np.ndarray:
   return audio_lib.peak_normalize(out)
 
 
-def build_records(specs: Sequence[Spec]) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+def build_records(specs: Sequence[Spec]) -> tuple[list[dict[str, Any]], list[dict[str, str]], list[dict[str, str]]]:
   """Renders specs to records (a `shards.Builder`); nothing here is skipped."""
   classes = _STATE["classes"]
   records = []
@@ -185,7 +185,7 @@ def build_records(specs: Sequence[Spec]) -> tuple[list[dict[str, Any]], list[dic
         id=spec.id, caption=spec.caption, speech=speech.wave, audio=_mix(spec), labels=labels,
         voice=speech.voice, sources="opensfx.cat#" + ",".join(str(_STATE["credits"][k]) for k in spec.clips),
         text_emb=text_lib.hash_embed(spec.caption, _STATE["text_dim"])))
-  return records, []
+  return records, [], []
 
 
 def credits(clips: Sequence[Clip]) -> list[dict[str, Any]]:

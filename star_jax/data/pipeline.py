@@ -10,10 +10,14 @@ and batched. Batch fields (B = per-process batch size):
   hubert (B, Th, D), hubert_mask (B, Th)           if cached; Th = speech_duration_s * hubert_frame_rate_hz
   latents (B, Tl, Dl), latents_mask (B, Tl)        if cached; Tl = audio_duration_s * latent_frame_rate_hz
   id, caption (B,) numpy unicode arrays            host-only: drop them before device_put
+Bad shards and records raise `source.BadRecordError` naming them, or with skip_bad_records are replaced and
+counted in `BatchIterator.bad_records` (see star_jax.data.source).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from typing import Any
 
@@ -22,6 +26,7 @@ import numpy as np
 
 from star_jax.data import audio as audio_lib
 from star_jax.data import records
+from star_jax.data import source as source_lib
 from star_jax.errors import UserError
 
 FEATURE_RATE_HZ = 50  # HuBERT frames and VAE latents: 50 per second (DESIGN.md §2)
@@ -71,9 +76,9 @@ class FitRecord(grain.transforms.RandomMap):
     out["wave"], out["mask"] = _fit(audio_lib.resample(segment, stored, wanted), int(round(duration_s * wanted)))
     return out
 
-  def random_map(self, data: bytes, rng: np.random.Generator) -> dict[str, Any]:
-    r = records.decode_record(data)
-    out: dict[str, Any] = {"id": np.str_(r["id"]), "caption": np.str_(r["caption"])}
+  def random_map(self, r: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": np.str_(r["id"]), "caption": np.str_(r["caption"]),
+                           "_bad": r["_bad"], "_bad_where": r["_bad_where"]}
     speech = self._wave(r["speech"], r.get("hubert"), self.speech_rate_hz, self.speech_duration_s,
                         self.hubert_rate_hz, rng)
     audio = self._wave(r["audio"], r.get("latents"), self.audio_rate_hz, self.audio_duration_s,
@@ -90,16 +95,51 @@ class FitRecord(grain.transforms.RandomMap):
     return out
 
 
+class BatchIterator:
+  """grain's DataLoaderIterator plus bad-record accounting; `bad_records` is saved in the state."""
+
+  def __init__(self, iterator):
+    self._iterator = iterator
+    self.bad_records = 0  # bad records skipped so far (each time one is met: once per epoch)
+    self._warned: set[str] = set()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, Any]:
+    batch = next(self._iterator)
+    bad, where = batch.pop("_bad"), batch.pop("_bad_where")
+    self.bad_records += int(bad.sum())
+    for w in set(where[bad > 0].tolist()) - self._warned:
+      logging.warning("skipped a bad record (replaced by another): %s", w)
+      self._warned.add(w)
+    return batch
+
+  def get_state(self) -> bytes:
+    state = json.loads(self._iterator.get_state())
+    state["bad_records"] = self.bad_records
+    return json.dumps(state, indent=4).encode()
+
+  def set_state(self, state: bytes) -> None:
+    state = json.loads(state)
+    self.bad_records = int(state.pop("bad_records", 0))
+    self._iterator.set_state(json.dumps(state).encode())
+
+  def start_prefetch(self) -> None:
+    self._iterator.start_prefetch()
+
+
 def make_iterator(data_cfg, split: str, *, batch_size: int, audio_sample_rate_hz: int, seed: int = 0,
                   shuffle: bool = True, num_epochs: int | None = None, process_index: int | None = None,
                   process_count: int | None = None, drop_remainder: bool = True, num_workers: int | None = None,
-                  random_crop: bool | None = None):
-  """A checkpointable grain iterator (next, get_state, set_state) over this process's batches of `split`.
+                  random_crop: bool | None = None, skip_bad_records: bool | None = None) -> BatchIterator:
+  """A checkpointable iterator (next, get_state, set_state) over this process's batches of `split`.
 
   Process i of n reads records [i*N/n, (i+1)*N/n) of the (shuffled) index space; with drop_remainder every
   process gets the same number of records and batches (what multi-host training needs).
   random_crop defaults to split == "train"; crops are seeded by (seed, record position), so they replay
-  exactly after a restore.
+  exactly after a restore. skip_bad_records (default data.skip_bad_records, False): replace and count bad
+  records instead of raising `source.BadRecordError`.
   """
   import absl.flags
 
@@ -107,9 +147,9 @@ def make_iterator(data_cfg, split: str, *, batch_size: int, audio_sample_rate_hz
   info = records.read_info(path)
   if split not in info.get("splits", {}):
     raise UserError(f"{path} has no split '{split}'; it has {sorted(info.get('splits', {}))}")
-  paths = records.shard_paths(path, split)
-  if not paths:
-    raise UserError(f"{path}: no shards for split '{split}'")
+  if skip_bad_records is None:
+    skip_bad_records = bool(data_cfg.get("skip_bad_records", False))
+  source = source_lib.RecordSource(source_lib.split_shards(path, split), skip_bad_records=skip_bad_records)
   if process_index is None or process_count is None:
     import jax
 
@@ -125,11 +165,10 @@ def make_iterator(data_cfg, split: str, *, batch_size: int, audio_sample_rate_hz
       hubert_rate_hz=int(info.get("hubert_frame_rate_hz", FEATURE_RATE_HZ)),
       latent_rate_hz=int(info.get("latent_frame_rate_hz", FEATURE_RATE_HZ)),
       random_crop=split == "train" if random_crop is None else random_crop)
-  source = grain.sources.ArrayRecordDataSource(paths)
   shard_options = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count,
                                               drop_remainder=drop_remainder)
   sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard_options, shuffle=shuffle,
                                         num_epochs=num_epochs, seed=int(seed))
   loader = grain.DataLoader(data_source=source, sampler=sampler, worker_count=num_workers,
                             operations=[fit, grain.transforms.Batch(batch_size, drop_remainder=drop_remainder)])
-  return iter(loader)
+  return BatchIterator(iter(loader))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 SPEECH_RATE_HZ = 16000
@@ -21,16 +22,36 @@ def _workers_default() -> int:
   return max(1, min(os.cpu_count() or 1, 8))
 
 
+def _positive(kind):
+  """argparse type: a number > 0 (bad values exit 2 with argparse's one-line message)."""
+  def parse(text: str):
+    try:
+      value = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:  # also rejects NaN
+      raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+  return parse
+
+
+def _natural(text: str) -> int:
+  """argparse type: an integer >= 0."""
+  if not text.isdigit():
+    raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= 0")
+  return int(text)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
   sub = p.add_subparsers(dest="source", metavar="SOURCE", required=True)
 
   o = sub.add_parser("opensfx", help="the built-in OpenSFX corpus with espeak-ng speech")
   o.add_argument("--out", required=True, help="dataset directory to write")
   o.add_argument("--cat", default=None, help="path of opensfx.cat (default: the Debian package's)")
-  o.add_argument("--audio-rate-hz", type=int, default=24000, help="rate the audio is stored at (the VAE's)")
-  o.add_argument("--text-dim", type=int, default=64, help="width of the hashed caption embedding (0: none)")
-  o.add_argument("--shard-size", type=int, default=64, help="records per shard")
-  o.add_argument("--workers", type=int, default=_workers_default(), help="parallel processes")
+  o.add_argument("--audio-rate-hz", type=_positive(int), default=24000, help="rate the audio is stored at (the VAE's)")
+  o.add_argument("--text-dim", type=_natural, default=64, help="width of the hashed caption embedding (0: none)")
+  o.add_argument("--shard-size", type=_positive(int), default=64, help="records per shard")
+  o.add_argument("--workers", type=_positive(int), default=_workers_default(), help="parallel processes")
   o.add_argument("--no-progress", action="store_true")
 
   a = sub.add_parser("audiocaps", help="AudioCaps clips + AudioSet labels + synthesised speech")
@@ -44,20 +65,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   a.add_argument("--audioset-classes", required=True, help="AudioSet class_labels_indices.csv")
   a.add_argument("--tts", choices=("vits", "espeak"), default="espeak")
   a.add_argument("--tts-model", default=None, help="local transformers VitsModel directory (--tts vits)")
-  a.add_argument("--noise-scale", type=float, default=0.667, help="VITS noise scale (STAR: 0.667)")
-  a.add_argument("--noise-scale-duration", type=float, default=0.8, help="VITS duration noise (STAR: 0.8)")
-  a.add_argument("--tts-batch-size", type=int, default=8)
+  a.add_argument("--noise-scale", type=_positive(float), default=0.667, help="VITS noise scale (STAR: 0.667)")
+  a.add_argument("--noise-scale-duration", type=_positive(float), default=0.8, help="VITS duration noise (STAR: 0.8)")
+  a.add_argument("--tts-batch-size", type=_positive(int), default=8)
   a.add_argument("--out", required=True, help="dataset directory to write (one per dataset; splits add up)")
   a.add_argument("--split", default=None, help="split name (default: the captions file's stem)")
   a.add_argument("--all-captions", action="store_true", help="one record per caption, not per clip")
-  a.add_argument("--audio-rate-hz", type=int, default=24000, help="rate the audio is stored at (the VAE's)")
-  a.add_argument("--max-duration-s", type=float, default=10.0, help="longer clips are cut")
-  a.add_argument("--min-duration-s", type=float, default=1.0, help="shorter clips are skipped")
-  a.add_argument("--text-dim", type=int, default=64, help="width of the hashed caption embedding (0: none)")
-  a.add_argument("--shard-size", type=int, default=256, help="items per shard")
-  a.add_argument("--workers", type=int, default=_workers_default(), help="parallel processes")
+  a.add_argument("--audio-rate-hz", type=_positive(int), default=24000, help="rate the audio is stored at (the VAE's)")
+  a.add_argument("--max-duration-s", type=_positive(float), default=10.0, help="longer clips are cut")
+  a.add_argument("--min-duration-s", type=_positive(float), default=1.0, help="shorter clips are skipped")
+  a.add_argument("--text-dim", type=_natural, default=64, help="width of the hashed caption embedding (0: none)")
+  a.add_argument("--shard-size", type=_positive(int), default=256, help="items per shard")
+  a.add_argument("--workers", type=_positive(int), default=_workers_default(), help="parallel processes")
   a.add_argument("--seed", type=int, default=0, help="TTS seed (voice choice, VITS noise)")
   a.add_argument("--no-progress", action="store_true")
+
+
+def _check_out(out: str) -> None:
+  """Creates --out and proves it writable before any work starts."""
+  from star_jax.errors import UserError
+
+  probe = os.path.join(out, ".write-test")
+  try:
+    os.makedirs(out, exist_ok=True)
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"--out {out}: cannot write there ({e.strerror or e}); choose a directory you can write") from None
 
 
 def _check_settings(out: str, split: str, settings: dict) -> None:
@@ -65,7 +100,6 @@ def _check_settings(out: str, split: str, settings: dict) -> None:
   from star_jax.data import records
   from star_jax.errors import UserError
 
-  os.makedirs(out, exist_ok=True)
   file = os.path.join(out, f"{split}.prep.json")
   if os.path.exists(file):
     with open(file) as f:
@@ -86,6 +120,7 @@ def run_opensfx(args: argparse.Namespace) -> int:
   if not os.path.isfile(cat):
     from star_jax.errors import UserError
     raise UserError(f"{cat} not found: install Debian's openttd-opensfx (apt-get install openttd-opensfx)")
+  _check_out(args.out)
   clips = opensfx.read_cat(cat)
   classes, specs = opensfx.plan(clips)
   settings = dict(source="opensfx", audio_rate_hz=args.audio_rate_hz, text_dim=args.text_dim,
@@ -118,11 +153,20 @@ def run_audiocaps(args: argparse.Namespace) -> int:
 
   start = time.time()
   split = args.split or os.path.splitext(os.path.basename(args.captions))[0]
-  if not os.path.isdir(args.audio_dir):
-    raise UserError(f"--audio-dir {args.audio_dir}: not a directory")
   items = audiocaps.read_captions(args.captions, all_captions=args.all_captions)
   if not items:
-    raise UserError(f"{args.captions}: no captions")
+    raise UserError(f"{args.captions}: no captions; pass an AudioCaps CSV with at least one row")
+  if not os.path.isdir(args.audio_dir):
+    raise UserError(f"--audio-dir {args.audio_dir}: not a directory; pass the folder holding the clips")
+  for pattern in args.audio_pattern or ():
+    try:
+      pattern.format(youtube_id="x", audiocap_id="1", start="0")
+    except (KeyError, IndexError, ValueError) as e:
+      raise UserError(f"--audio-pattern {pattern!r}: bad placeholder ({e}); use {{youtube_id}}, {{audiocap_id}}, "
+                      "{start}") from None
+  if args.min_duration_s > args.max_duration_s:
+    raise UserError(f"--min-duration-s {args.min_duration_s} is above --max-duration-s {args.max_duration_s}")
+  _check_out(args.out)
   names, mids, labels = audiocaps.read_audioset(args.audioset_segments, args.audioset_classes)
   tts_kwargs = {}
   if args.tts == "vits":
@@ -153,8 +197,10 @@ def run_audiocaps(args: argparse.Namespace) -> int:
   report = dict(summary, skipped_by_reason=reasons, build_s=round(time.time() - start, 1))
   report_file = os.path.join(args.out, f"{split}.report.json")
   records.write_json(report_file, report)
+  for note in report["notes"][:5]:
+    print(f"warning: {note['id']}: {note['note']}", file=sys.stderr)
   print(f"{split}: {report['records']} records from {report['items']} items, {len(report['skipped'])} skipped "
-        f"{reasons}; report: {report_file}")
+        f"{reasons}, {len(report['notes'])} notes (e.g. trimmed); report: {report_file}")
   return 0
 
 

@@ -1,8 +1,9 @@
 """Parallel, resumable writing of one split: a shard per task, each finished shard marked by a sidecar.
 
 A shard's sidecar (`<shard>.json`) is written after its ArrayRecord file and lists its record count, the
-items it skipped with their reasons, and totals. A rerun skips every shard whose sidecar exists, so an
-interrupted prep picks up where it stopped and a finished one is a no-op.
+items it skipped with their reasons, notes on items kept with a change (e.g. trimmed), and totals. A rerun
+skips every shard whose sidecar exists, so an interrupted prep picks up where it stopped and a finished one
+is a no-op.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Any, Callable, Sequence
 
 from star_jax.data import records as rec
 
-# A builder turns a task's items into (records, skipped); skipped entries are {"id": ..., "reason": ...}.
-Builder = Callable[[Sequence[Any]], tuple[list[dict[str, Any]], list[dict[str, str]]]]
+# A builder turns a task's items into (records, skipped, notes); skipped entries are {"id": ..., "reason": ...},
+# notes {"id": ..., "note": ...} (kept items the user should know about, e.g. trimmed).
+Builder = Callable[[Sequence[Any]], tuple[list[dict[str, Any]], list[dict[str, str]], list[dict[str, str]]]]
 
 
 def _stats(records: list[dict[str, Any]], speech_rate: int, audio_rate: int) -> dict[str, Any]:
@@ -30,23 +32,35 @@ def _stats(records: list[dict[str, Any]], speech_rate: int, audio_rate: int) -> 
 def _run_shard(job: tuple) -> dict[str, Any]:
   out_dir, split, index, count, items, builder, speech_rate, audio_rate = job
   path = os.path.join(out_dir, rec.shard_name(split, index, count))
-  records, skipped = builder(items)
+  if _INIT_ERROR:
+    raise _INIT_ERROR[0]
+  records, skipped, notes = builder(items)
   rec.write_shard(path, [rec.encode_record(r) for r in records])
-  done = dict(shard=os.path.basename(path), items=len(items), skipped=skipped,
+  done = dict(shard=os.path.basename(path), items=len(items), skipped=skipped, notes=notes,
               **_stats(records, speech_rate, audio_rate))
   rec.write_json(path + ".json", done)
   return done
 
 
-def _worker_init(init: Callable[..., None] | None, init_args: tuple) -> None:
+_INIT_ERROR: list[Exception] = []  # set when `init` failed in this worker; its first task raises it
+
+
+def _worker_init(init: Callable[..., None] | None, init_args: tuple, in_pool: bool = False) -> None:
   # Torch and BLAS would each start a thread per core in every worker; one per worker is faster here.
   try:
     import torch
     torch.set_num_threads(1)
   except ImportError:
     pass
-  if init is not None:
+  if init is None:
+    return
+  try:
     init(*init_args)
+  except Exception as e:  # noqa: BLE001
+    if not in_pool:
+      raise
+    # A pool whose initializer raises restarts the worker forever; a task passes the error to the caller.
+    _INIT_ERROR[:] = [e]
 
 
 def write_split(out_dir: str, split: str, tasks: Sequence[Sequence[Any]], builder: Builder, *,
@@ -81,7 +95,8 @@ def write_split(out_dir: str, split: str, tasks: Sequence[Sequence[Any]], builde
   else:
     # spawn, not fork: a forked torch or jax runtime is unsafe.
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(min(workers, len(todo)), initializer=_worker_init, initargs=(init, init_args)) as pool:
+    with ctx.Pool(min(workers, len(todo)), initializer=_worker_init,
+                  initargs=(init, init_args, True)) as pool:
       for result in pool.imap_unordered(_run_shard, todo):
         done.append(result)
         bar.update(result["items"])
@@ -95,7 +110,8 @@ def write_split(out_dir: str, split: str, tasks: Sequence[Sequence[Any]], builde
               speech_s=round(sum(d["speech_s"] for d in done), 1),
               audio_s=round(sum(d["audio_s"] for d in done), 1),
               voices=dict(sorted(voices.items())),
-              skipped=[s for d in done for s in d["skipped"]])
+              skipped=[s for d in done for s in d["skipped"]],
+              notes=[n for d in done for n in d.get("notes", [])])
 
 
 def chunk(items: Sequence[Any], size: int) -> list[list[Any]]:

@@ -102,8 +102,13 @@ class VitsTTS:
     from transformers import AutoTokenizer, VitsModel
 
     self._torch = torch
-    self.model = VitsModel.from_pretrained(model_dir, local_files_only=True).to(device).eval()
-    self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    try:
+      self.model = VitsModel.from_pretrained(model_dir, local_files_only=True).to(device).eval()
+      self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as e:
+      first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+      raise UserError(f"--tts-model {model_dir}: cannot load a transformers VitsModel and tokenizer "
+                      f"({first_line}); pass a directory written by VitsModel.save_pretrained") from None
     self.model.noise_scale = noise_scale
     self.model.noise_scale_duration = noise_scale_duration
     self.model.speaking_rate = speaking_rate

@@ -100,3 +100,20 @@ def attention(q_bqhd: jax.Array, k_bkhd: jax.Array, v_bkhd: jax.Array,
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Logical sharding constraint on an activation (a no-op outside a mesh / rules context)."""
   return nn.with_logical_constraint(x, tuple(names))
+
+
+class SnakeBeta(nn.Module):
+  """SnakeBeta over the last (channel) axis: x + 1/(β + 1e-9) · sin²(α x), α = exp(α_log), β = exp(β_log).
+
+  Params are the per-channel logs (`alpha`, `beta`, zero-initialised, i.e. α = β = 1), as in Stable Audio's
+  and diffusers' `logscale` form (DESIGN.md §2). Computed in f32.
+  """
+  axis: str | None = "conv_out"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    alpha = jnp.exp(self.param("alpha", nn.with_logical_partitioning(zeros, (self.axis,)), (c,), jnp.float32))
+    beta = jnp.exp(self.param("beta", nn.with_logical_partitioning(zeros, (self.axis,)), (c,), jnp.float32))
+    x = x.astype(jnp.float32)
+    return x + (1.0 / (beta + 1e-9)) * jnp.square(jnp.sin(alpha * x))

@@ -1,0 +1,239 @@
+"""EzAudio's UDiT with AdaLN-SOLA: the flow-matching velocity network of STAR (DESIGN.md §2, DiT).
+
+`DiT(cfg).apply({"params": p}, x_bld, t_b, context_bsd, context_mask_bs=None, x_mask_bl=None) -> v_bld`
+with t on the 0..1000 scale. depth // 2 in-blocks, one middle block, depth // 2 out-blocks joined by
+last-in-first-out long skips; self-attention with QK-LayerNorm and rotate-half RoPE, unmodulated
+cross-attention to the context, GEGLU MLP; residuals scaled by (1 - gate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from star_jax.models.layers import Dense, LayerNorm, as_dtype, attention, constrain, zeros
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+  """Sizes of the UDiT; `depth` counts in + out blocks (the middle block comes on top)."""
+  latent_channels: int = 128
+  hidden_size: int = 1024
+  depth: int = 24
+  num_heads: int = 16
+  mlp_ratio: int = 4
+  context_dim: int = 1024
+  lora_rank: int = 32
+  lora_alpha: float = 32.0  # AdaLN-SOLA low-rank scale = alpha / rank (EzAudio: alpha = rank)
+  time_freq_dim: int = 256
+  layer_norm_eps: float = 1e-5  # torch nn.LayerNorm default, used by every EzAudio norm
+  remat: str = "none"  # a key of REMAT_POLICIES, applied per block
+  dtype: str = "float32"  # matmul input dtype; params, norms, softmax and the residual stay f32
+
+  def __post_init__(self):
+    if self.depth % 2:
+      raise ValueError(f"dit.depth must be even (in + out blocks), got {self.depth}")
+    if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
+      raise ValueError(f"dit.hidden_size {self.hidden_size} must split into {self.num_heads} heads of "
+                       f"even size")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"dit.remat '{self.remat}' is not one of {sorted(REMAT_POLICIES)}")
+
+
+def timestep_embedding(t_b: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoid of t (0..1000 scale): (B,) -> (B, dim) as [cos, sin], freqs exp(-ln(P) i / (dim/2))."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t_b.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def rope(x_blhd: jax.Array, base: float = 10000.0) -> jax.Array:
+  """GPT-NeoX rotate-half rotary embedding over positions 0..L-1, in f32."""
+  length, head_dim = x_blhd.shape[1], x_blhd.shape[-1]
+  inv_freq = 1.0 / base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None]
+  angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]
+  x = x_blhd.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return x * jnp.cos(angles) + jnp.concatenate([-x2, x1], axis=-1) * jnp.sin(angles)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """FiLM: x * (1 + scale) + shift with (B, D) shift/scale over (B, L, D)."""
+  return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
+
+
+class Attention(nn.Module):
+  """Multi-head attention: q/k/v without bias, QK-LayerNorm over the head dim shared across heads,
+  optional RoPE, key mask, output projection with bias. (B, Lq, D), (B, Lk, D) -> (B, Lq, D)."""
+  num_heads: int
+  use_rope: bool
+  eps: float
+  dtype: str
+  zero_out: bool = False  # cross-attention's output projection starts at zero
+
+  @nn.compact
+  def __call__(self, x_bld, context_bsd, mask_bs=None):
+    dtype = as_dtype(self.dtype)
+    d = x_bld.shape[-1]
+    h = self.num_heads
+    split = lambda y: constrain(y.reshape(*y.shape[:2], h, d // h), ("batch", "length", "heads", "kv"))
+    q = split(Dense(d, ("embed", "heads"), use_bias=False, dtype=dtype, name="to_q")(x_bld))
+    k = split(Dense(d, ("embed", "heads"), use_bias=False, dtype=dtype, name="to_k")(context_bsd))
+    v = split(Dense(d, ("embed", "heads"), use_bias=False, dtype=dtype, name="to_v")(context_bsd))
+    q = LayerNorm(self.eps, axis="kv", name="norm_q")(q)
+    k = LayerNorm(self.eps, axis="kv", name="norm_k")(k)
+    if self.use_rope:
+      q, k = rope(q), rope(k)
+    out = attention(q, k, v, mask_bs, dtype).reshape(x_bld.shape)
+    init = zeros if self.zero_out else nn.initializers.xavier_uniform()
+    return Dense(d, ("heads", "embed"), dtype=dtype, kernel_init=init, name="proj")(out)
+
+
+class GEGLU(nn.Module):
+  """Linear(D, 2H) -> value * GELU(gate) (exact) -> Linear(H, D), H = mlp_ratio * D."""
+  hidden: int
+  dtype: str
+
+  @nn.compact
+  def __call__(self, x_bld):
+    dtype = as_dtype(self.dtype)
+    value = Dense(self.hidden, ("embed", "mlp"), dtype=dtype, name="proj_value")(x_bld)
+    gate = Dense(self.hidden, ("embed", "mlp"), dtype=dtype, name="proj_gate")(x_bld)
+    hid = constrain(value * jax.nn.gelu(gate, approximate=False), ("batch", "length", "mlp"))
+    return Dense(x_bld.shape[-1], ("mlp", "embed"), dtype=dtype, name="proj_out")(hid)
+
+
+class AdaLNSola(nn.Module):
+  """Per-block modulation: shared time_ada(temb) + (alpha/r) lora_b(lora_a(temb)) + table -> 6 x (B, D)."""
+  rank: int
+  alpha: float
+  dtype: str
+
+  @nn.compact
+  def __call__(self, temb_bd, time_ada_b6d):
+    dtype = as_dtype(self.dtype)
+    d = temb_bd.shape[-1]
+    low = Dense(6 * self.rank, ("embed", None), use_bias=False, dtype=dtype, name="lora_a",
+                kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"))(temb_bd)
+    low = Dense(6 * d, (None, "mlp"), use_bias=False, dtype=dtype, kernel_init=zeros, name="lora_b")(low)
+    table = self.param("scale_shift_table", nn.with_logical_partitioning(zeros, (None, "embed")),
+                       (6, d), jnp.float32)
+    mod = (time_ada_b6d + low * (self.alpha / self.rank)).reshape(-1, 6, d) + table[None]
+    return tuple(mod[:, i] for i in range(6))
+
+
+class Block(nn.Module):
+  """One UDiT block; out-blocks first fuse the long skip: Linear(LN(concat[x, skip]))."""
+  cfg: DiTConfig
+  has_skip: bool
+
+  @nn.compact
+  def __call__(self, x_bld, temb_bd, time_ada_b6d, context_bsd, skip_bld, x_mask_bl, context_mask_bs):
+    cfg = self.cfg
+    dtype = as_dtype(cfg.dtype)
+    eps = cfg.layer_norm_eps
+    d = x_bld.shape[-1]
+    if self.has_skip:
+      cat = LayerNorm(eps, axis="mlp", name="skip_norm")(jnp.concatenate([x_bld, skip_bld], axis=-1))
+      x_bld = Dense(d, ("mlp", "embed"), dtype=dtype, name="skip_linear")(cat)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = AdaLNSola(
+        cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="adaln")(temb_bd, time_ada_b6d)
+
+    h = modulate(LayerNorm(eps, name="norm1")(x_bld), shift_msa, scale_msa)
+    h = Attention(cfg.num_heads, True, eps, cfg.dtype, name="attn")(h, h, x_mask_bl)
+    x_bld = x_bld + (1.0 - gate_msa[:, None, :]) * h
+
+    ctx = LayerNorm(eps, name="norm_context")(context_bsd)
+    h = Attention(cfg.num_heads, False, eps, cfg.dtype, zero_out=True, name="cross_attn")(
+        LayerNorm(eps, name="norm2")(x_bld), ctx, context_mask_bs)
+    x_bld = x_bld + h
+
+    h = modulate(LayerNorm(eps, name="norm3")(x_bld), shift_mlp, scale_mlp)
+    h = GEGLU(cfg.mlp_ratio * d, cfg.dtype, name="mlp")(h)
+    x_bld = x_bld + (1.0 - gate_mlp[:, None, :]) * h
+    return constrain(x_bld, ("batch", "length", "embed"))
+
+
+class DiT(nn.Module):
+  """UDiT velocity network: latents (B, L, C), t (B,) on 0..1000, context (B, S, Dc) -> (B, L, C) f32."""
+  cfg: DiTConfig
+
+  @nn.compact
+  def __call__(self, x_bld, t_b, context_bsd, context_mask_bs=None, x_mask_bl=None):
+    cfg = self.cfg
+    dtype = as_dtype(cfg.dtype)
+    d = cfg.hidden_size
+    b = x_bld.shape[0]
+    t_b = jnp.broadcast_to(jnp.asarray(t_b, jnp.float32), (b,))
+
+    x = Dense(d, (None, "embed"), dtype=dtype, name="patch_embed")(x_bld)
+    x = constrain(x, ("batch", "length", "embed"))
+
+    # Time: sinusoid -> Linear -> SiLU -> Linear, then one SiLU shared by every consumer (EzAudio time_act).
+    temb = timestep_embedding(t_b, cfg.time_freq_dim)
+    temb = Dense(d, (None, "embed"), dtype=dtype, name="time_embed_1")(temb)
+    temb = Dense(d, ("embed", "mlp"), dtype=dtype, name="time_embed_2")(jax.nn.silu(temb))
+    temb = jax.nn.silu(temb)
+    time_ada = Dense(6 * d, ("embed", "mlp"), dtype=dtype, kernel_init=zeros, name="time_ada")(temb)
+    time_ada_final = Dense(2 * d, ("embed", "mlp"), dtype=dtype, kernel_init=zeros,
+                           name="time_ada_final")(temb)
+
+    ctx = Dense(d, ("embed", "mlp"), dtype=dtype, name="context_embed_1")(context_bsd)
+    ctx = Dense(d, ("mlp", "embed"), dtype=dtype, name="context_embed_2")(jax.nn.silu(ctx))
+
+    block = Block if cfg.remat == "none" else nn.remat(Block, policy=REMAT_POLICIES[cfg.remat])
+    args = (temb, time_ada, ctx)
+    skips = []
+    for i in range(cfg.depth // 2):
+      x = block(cfg, False, name=f"in_blocks_{i}")(x, *args, None, x_mask_bl, context_mask_bs)
+      skips.append(x)
+    x = block(cfg, False, name="mid_block")(x, *args, None, x_mask_bl, context_mask_bs)
+    for i in range(cfg.depth // 2):
+      x = block(cfg, True, name=f"out_blocks_{i}")(x, *args, skips.pop(), x_mask_bl, context_mask_bs)
+
+    shift, scale = time_ada_final[:, :d], time_ada_final[:, d:]
+    x = modulate(LayerNorm(cfg.layer_norm_eps, name="final_norm")(x), shift, scale)
+    x = Dense(cfg.latent_channels, ("embed", None), dtype=dtype, name="final_linear")(x)
+    if x_mask_bl is not None:
+      # Padded frames would leak into valid ones through the k3 conv; EzAudio never pads, so this is
+      # the identity on unpadded batches.
+      x = jnp.where(x_mask_bl[..., None].astype(bool), x, 0.0)
+    return FinalConv(cfg.dtype, name="final_conv")(x)
+
+
+class FinalConv(nn.Module):
+  """Conv1d(C, C, k=3, pad 1) over length, channels last: (B, L, C) -> (B, L, C) f32."""
+  dtype: str
+
+  @nn.compact
+  def __call__(self, x_blc):
+    c = x_blc.shape[-1]
+    kernel = self.param("kernel", nn.with_logical_partitioning(
+        nn.initializers.xavier_uniform(), (None, "conv_in", "conv_out")),
+        (3, c, c), jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(zeros, ("conv_out",)), (c,), jnp.float32)
+    dtype = as_dtype(self.dtype)
+    y = jax.lax.conv_general_dilated(
+        x_blc.astype(dtype), kernel.astype(dtype), window_strides=(1,), padding=[(1, 1)],
+        dimension_numbers=("NWC", "WIO", "NWC"), preferred_element_type=jnp.float32)
+    return y + bias
+
+
+@functools.lru_cache(maxsize=None)
+def velocity_fn(cfg: DiTConfig):
+  """`DiT(cfg).apply`, one object per config: jitted samplers keyed on it compile once per config."""
+  return DiT(cfg).apply

@@ -1,0 +1,282 @@
+"""UDiT structure (DESIGN.md §2): size of DiT-L, masks, init, long-skip order, RoPE, sharding, converter."""
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from star_jax import sharding
+from star_jax.convert.dit import from_ezaudio_state_dict
+from star_jax.errors import UserError
+from star_jax.models.dit import DiT, DiTConfig, rope, timestep_embedding
+
+CFG = DiTConfig(latent_channels=6, hidden_size=32, depth=2, num_heads=4, mlp_ratio=2, context_dim=10,
+                lora_rank=3, lora_alpha=6.0)
+B, L, S = 2, 9, 5
+
+
+def _inputs(seed=0):
+  k = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(k[0], (B, L, CFG.latent_channels))
+  ctx = jax.random.normal(k[1], (B, S, CFG.context_dim))
+  t = jnp.array([37.0, 810.0])
+  return x, t, ctx
+
+
+@functools.lru_cache(maxsize=None)
+def _init(cfg=CFG):
+  x, t, ctx = _inputs()
+  return nn.unbox(jax.jit(DiT(cfg).init)(jax.random.key(1), x, t, ctx)["params"])
+
+
+def _perturbed(params, seed=2, scale=0.2):
+  """Every param moved off its init, so zero-initialised paths (gates, cross-attention) are live."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(cfg):
+  return jax.jit(DiT(cfg).apply)
+
+
+def _apply(params, *args, cfg=CFG, **kw):
+  return _jitted(cfg)({"params": params}, *args, **kw)
+
+
+def ezaudio_param_count(d, depth, heads, ratio, rank, context_dim, channels, in_channels):
+  """Parameters of EzAudio's MaskDiT(UDiT) counted from its module list (torch layouts)."""
+  hd = d // heads
+  attn = 4 * d * d + d + 2 * 2 * hd                        # to_q/k/v (no bias), proj, norm_q/k
+  block = 4 * 2 * d + 2 * attn + (d * 2 * ratio * d + 2 * ratio * d) + (ratio * d * d + d) \
+      + d * 6 * rank + 6 * rank * 6 * d + 6 * d              # 4 norms, attns, GEGLU, lora_a/b, table
+  skip = 2 * 2 * d + 2 * d * d + d
+  top = (in_channels * d + d) + (256 * d + d + d * d + d) + (d * 6 * d + 6 * d) + (d * 2 * d + 2 * d) \
+      + (context_dim * d + d + d * d + d) + 2 * d + (d * channels + channels) + (3 * channels ** 2 + channels)
+  mask_embed = channels if in_channels != channels else 0
+  return (depth + 1) * block + depth // 2 * skip + top + mask_embed
+
+
+def test_paper_l_parameter_count_is_ezaudio_l():
+  cfg = DiTConfig()  # DiT-L defaults = configs/star.py:paper
+  shapes = jax.eval_shape(lambda: DiT(cfg).init(
+      jax.random.key(0), jnp.zeros((1, 4, 128)), jnp.zeros((1,)), jnp.zeros((1, 2, 1024))))
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes)))
+  assert n == ezaudio_param_count(1024, 24, 16, 4, 32, 1024, 128, 128)
+  # The released EzAudio-L (257 input channels + mask_embed, folded away at conversion): ≈597M.
+  ezaudio_l = ezaudio_param_count(1024, 24, 16, 4, 32, 1024, 128, 257)
+  assert ezaudio_l - n == 129 * 1024 + 128 and round(ezaudio_l / 1e6) == 597
+
+
+def test_config_section_builds_the_model():
+  from star_jax.config import load_config
+  for variant in ("tiny", "paper"):
+    cfg = DiTConfig(**load_config(f"configs/star.py:{variant}").dit.to_dict())
+    assert cfg.depth % 2 == 0
+
+
+def test_init_zero_paths():
+  """EzAudio zero-inits time_ada, time_ada_final, lora_b, the (6, D) table and cross-attention's output:
+  at init every gate is 0 (full residual), modulation is the identity, and t and context are ignored."""
+  p = _init()
+  zero = [p["time_ada"], p["time_ada_final"]]
+  for name in ["in_blocks_0", "mid_block", "out_blocks_0"]:
+    zero += [p[name]["adaln"]["lora_b"], p[name]["adaln"]["scale_shift_table"], p[name]["cross_attn"]["proj"]]
+  assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(zero))
+  x, t, ctx = _inputs()
+  out = _apply(p, x, t, ctx)
+  np.testing.assert_array_equal(_apply(p, x, t[::-1] + 3.0, ctx * 5.0 - 1.0), out)
+  # ...and become live once trained (perturbed).
+  q = _perturbed(p)
+  assert np.abs(_apply(q, x, t[::-1], ctx) - _apply(q, x, t, ctx)).max() > 1e-3
+  assert np.abs(_apply(q, x, t, ctx * 2.0) - _apply(q, x, t, ctx)).max() > 1e-3
+
+
+def test_frames_beyond_the_mask_cannot_change_valid_outputs():
+  p = _perturbed(_init())
+  x, t, ctx = _inputs()
+  valid = np.array([L, 5])
+  x_mask = jnp.arange(L)[None] < valid[:, None]
+  out = _apply(p, x, t, ctx, x_mask_bl=x_mask)
+  garbage = jnp.where(x_mask[..., None], x, 100.0 * jax.random.normal(jax.random.key(9), x.shape))
+  out2 = _apply(p, garbage, t, ctx, x_mask_bl=x_mask)
+  np.testing.assert_allclose(out2[0], out[0], atol=1e-5)
+  np.testing.assert_allclose(out2[1, :5], out[1, :5], atol=1e-5)
+  # Truncating the sequence to its valid frames gives the same valid outputs.
+  short = _apply(p, x[1:, :5], t[1:], ctx[1:])
+  np.testing.assert_allclose(short[0], out[1, :5], atol=1e-5)
+
+
+def test_context_padding_cannot_change_outputs():
+  p = _perturbed(_init())
+  x, t, ctx = _inputs()
+  ctx_mask = jnp.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], bool)
+  out = _apply(p, x, t, ctx, context_mask_bs=ctx_mask)
+  noisy = jnp.where(ctx_mask[..., None], ctx, 50.0)
+  np.testing.assert_allclose(_apply(p, x, t, noisy, context_mask_bs=ctx_mask), out, atol=1e-5)
+  np.testing.assert_allclose(_apply(p, x[1:], t[1:], ctx[1:, :2])[0], out[1], atol=1e-5)
+  assert np.abs(_apply(p, x, t, noisy) - out).max() > 1e-3  # without the mask the padding matters
+
+
+def test_long_skips_are_last_in_first_out():
+  p = _perturbed(_init(dataclasses.replace(CFG, depth=6)))
+  x, t, ctx = _inputs()
+  outputs, skips = {}, {}
+
+  def record(next_fun, args, kwargs, context):
+    y = next_fun(*args, **kwargs)
+    name = context.module.name or ""
+    if context.method_name == "__call__" and name.startswith(("in_blocks_", "out_blocks_")):
+      outputs[name] = y
+      if name.startswith("out_blocks_"):
+        skips[name] = args[4]
+    return y
+
+  with nn.intercept_methods(record):  # eager, so the recorded values are arrays
+    DiT(dataclasses.replace(CFG, depth=6)).apply({"params": p}, x, t, ctx)
+  for i in range(3):
+    np.testing.assert_array_equal(skips[f"out_blocks_{i}"], outputs[f"in_blocks_{2 - i}"])
+
+
+def test_rope_is_neox_rotate_half_and_relative():
+  x = jax.random.normal(jax.random.key(0), (1, 7, 2, 8))
+  y = np.asarray(rope(x))
+  np.testing.assert_allclose(y[:, 0], np.asarray(x[:, 0]), atol=1e-6)  # position 0 is the identity
+  # Rotate-half pairs dim j with j + hd/2 as one complex number rotated by p·10000^(-2j/hd).
+  theta = 10000.0 ** (-np.arange(4) * 2 / 8)
+  z = np.asarray(x[..., :4]) + 1j * np.asarray(x[..., 4:])
+  rot = z * np.exp(1j * np.arange(7)[None, :, None, None] * theta)
+  np.testing.assert_allclose(y, np.concatenate([rot.real, rot.imag], -1), atol=1e-5)
+  # q_i·k_j depends only on i − j.
+  q = jnp.broadcast_to(x[:, :1], x.shape)
+  k = jnp.broadcast_to(x[:, 1:2], x.shape)
+  s = np.einsum("blhd,bmhd->hlm", rope(q), rope(k))
+  for off in range(-6, 7):
+    diag = np.diagonal(s, offset=off, axis1=1, axis2=2)
+    np.testing.assert_allclose(diag, diag[:, :1].repeat(diag.shape[1], 1), atol=1e-4)
+
+
+def test_timestep_embedding_is_cos_then_sin():
+  e = np.asarray(timestep_embedding(jnp.array([0.0, 250.0]), 8))
+  f = np.exp(-np.log(10000.0) * np.arange(4) / 4)
+  np.testing.assert_allclose(e[1], np.concatenate([np.cos(250 * f), np.sin(250 * f)]), atol=1e-5)
+  np.testing.assert_allclose(e[0], [1, 1, 1, 1, 0, 0, 0, 0])
+
+
+def test_gradients_finite_and_remat_policies_agree():
+  p = _perturbed(_init())
+  x, t, ctx = _inputs()
+  mask = jnp.arange(L)[None] < jnp.array([[L], [4]])
+
+  def loss(params, remat):
+    return jnp.mean(_apply(params, x, t, ctx, x_mask_bl=mask, cfg=dataclasses.replace(CFG, remat=remat)) ** 2)
+
+  grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  ref_l, ref_g = grad(p, "none")
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(ref_g))
+  for remat in ("dots",):
+    l, g = grad(p, remat)
+    np.testing.assert_allclose(l, ref_l, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g, ref_g)
+
+
+def test_bf16_compute_keeps_f32_params_and_tracks_f32():
+  cfg = dataclasses.replace(CFG, dtype="bfloat16")
+  p = _perturbed(_init(cfg), scale=0.05)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(p))
+  x, t, ctx = _inputs()
+  out16, out32 = _apply(p, x, t, ctx, cfg=cfg), _apply(p, x, t, ctx)
+  assert out16.dtype == jnp.float32
+  assert np.abs(out16 - out32).max() < 0.05 * np.abs(out32).max()
+
+
+def test_sharded_equals_unsharded(mesh222, rules):
+  x, t, ctx = _inputs()
+  x, t, ctx = (jnp.concatenate([a, a[::-1]]) for a in (x, t, ctx))  # batch 4 over data x fsdp
+  init = lambda k: DiT(CFG).init(k, x, t, ctx)["params"]
+  params, shardings = sharding.init_sharded(init, mesh222, rules, jax.random.key(1))
+  params = jax.device_put(_perturbed(params), shardings)
+  assert any(len(s.spec) and any(a is not None for a in s.spec) for s in jax.tree.leaves(shardings))
+  fwd = lambda p, *a: _apply(p, *a)
+  with nn.logical_axis_rules(rules):
+    bs = sharding.batch_sharding(mesh222)
+    out = jax.jit(fwd)(params, *(jax.device_put(a, bs) for a in (x, t, ctx)))
+  ref = jax.jit(fwd)(jax.device_get(params), x, t, ctx)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
+
+
+def to_ezaudio_state_dict(params, prefix="model."):
+  """Our params in EzAudio's MaskDiT/UDiT names and torch layouts (the converter's inverse)."""
+  p = jax.tree.map(np.asarray, params)
+  sd = {}
+  lin = lambda n, q: sd.update({f"{prefix}{n}.weight": q["kernel"].T, **({f"{prefix}{n}.bias": q["bias"]} if "bias" in q else {})})
+  nrm = lambda n, q: sd.update({f"{prefix}{n}.weight": q["scale"], f"{prefix}{n}.bias": q["bias"]})
+  sd[prefix + "patch_embed.proj.weight"] = p["patch_embed"]["kernel"].T[:, :, None]
+  sd[prefix + "patch_embed.proj.bias"] = p["patch_embed"]["bias"]
+  lin("time_embed.mlp.0", p["time_embed_1"]); lin("time_embed.mlp.2", p["time_embed_2"])
+  lin("time_ada", p["time_ada"]); lin("time_ada_final", p["time_ada_final"])
+  lin("context_embed.0", p["context_embed_1"]); lin("context_embed.2", p["context_embed_2"])
+  nrm("final_block.norm", p["final_norm"]); lin("final_block.linear", p["final_linear"])
+  sd[prefix + "final_block.final_layer.weight"] = p["final_conv"]["kernel"].transpose(2, 1, 0)
+  sd[prefix + "final_block.final_layer.bias"] = p["final_conv"]["bias"]
+  for ours, theirs in [(k, k.replace("_blocks_", "_blocks.")) for k in p if "block" in k]:
+    q = p[ours]
+    for n in ("norm1", "norm2", "norm3", "norm_context", "skip_norm"):
+      if n in q:
+        nrm(f"{theirs}.{n}", q[n])
+    for a in ("attn", "cross_attn"):
+      for n in ("to_q", "to_k", "to_v", "proj"):
+        lin(f"{theirs}.{a}.{n}", q[a][n])
+      nrm(f"{theirs}.{a}.norm_q", q[a]["norm_q"]); nrm(f"{theirs}.{a}.norm_k", q[a]["norm_k"])
+    m = q["mlp"]
+    sd[f"{prefix}{theirs}.mlp.net.0.proj.weight"] = np.concatenate([m["proj_value"]["kernel"].T, m["proj_gate"]["kernel"].T])
+    sd[f"{prefix}{theirs}.mlp.net.0.proj.bias"] = np.concatenate([m["proj_value"]["bias"], m["proj_gate"]["bias"]])
+    lin(f"{theirs}.mlp.net.2", m["proj_out"])
+    lin(f"{theirs}.adaln.lora_a", q["adaln"]["lora_a"]); lin(f"{theirs}.adaln.lora_b", q["adaln"]["lora_b"])
+    sd[f"{prefix}{theirs}.adaln.scale_shift_table"] = q["adaln"]["scale_shift_table"]
+    if "skip_linear" in q:
+      lin(f"{theirs}.skip_linear", q["skip_linear"])
+  return sd
+
+
+def test_converter_folds_maskdit_input_exactly():
+  p = _perturbed(_init())
+  sd = to_ezaudio_state_dict(p)
+  c, d = CFG.latent_channels, CFG.hidden_size
+  rng = np.random.default_rng(0)
+  w_extra = rng.normal(size=(d, c + 1)).astype(np.float32)
+  w257 = np.concatenate([sd["model.patch_embed.proj.weight"][:, :, 0], w_extra], 1)[:, :, None]
+  sd["model.patch_embed.proj.weight"] = w257
+  sd["model.patch_embed.proj.bias"] = bias = rng.normal(size=d).astype(np.float32)
+  sd["mask_embed"] = mask_embed = rng.normal(size=c).astype(np.float32)
+  sd["text_encoder.unrelated.weight"] = np.zeros(3, np.float32)  # outside the UDiT: ignored
+  cfg, q = from_ezaudio_state_dict(sd)
+  assert cfg == dataclasses.replace(CFG, lora_alpha=float(CFG.lora_rank))
+  cfg, q = from_ezaudio_state_dict(sd, lora_alpha=CFG.lora_alpha)
+  assert cfg == CFG
+  # MaskDiT's plain-generation input: [latents, mask_embed on every frame, ones], through the 257-ch conv.
+  x, t, ctx = _inputs()
+  x_np = np.asarray(x)
+  x257 = np.concatenate([x_np, np.broadcast_to(mask_embed, x_np.shape), np.ones((B, L, 1), np.float32)], -1)
+  emb257 = x257 @ w257[:, :, 0].T + bias
+  np.testing.assert_allclose(x_np @ q["patch_embed"]["kernel"] + q["patch_embed"]["bias"], emb257,
+                             rtol=1e-5, atol=1e-5)
+  # Every other parameter round-trips exactly, so the whole model matches MaskDiT's computation.
+  rest = lambda tree: {k: v for k, v in tree.items() if k != "patch_embed"}
+  jax.tree.map(np.testing.assert_array_equal, rest(q), rest(jax.tree.map(np.asarray, p)))
+
+
+def test_converter_reads_star_backbone_names_and_rejects_unknown():
+  p = _perturbed(_init())
+  sd = to_ezaudio_state_dict(p, prefix="backbone.")
+  cfg, q = from_ezaudio_state_dict(sd, lora_alpha=CFG.lora_alpha)
+  x, t, ctx = _inputs()
+  np.testing.assert_allclose(_apply(q, x, t, ctx), _apply(p, x, t, ctx), atol=1e-6)
+  sd["backbone.in_blocks.0.attn.to_q.bias"] = np.zeros(CFG.hidden_size, np.float32)
+  with pytest.raises(UserError, match="unrecognised"):
+    from_ezaudio_state_dict(sd)
