@@ -47,7 +47,11 @@ TABLE = {  # component -> (param path pattern, its kernel's logical axes)
         (r"final_conv/kernel", (None, "conv_in", "conv_out")),
     ],
     "vae": [
-        (r"(encoder|decoder)/.*conv\w*/kernel", (None, "conv_in", "conv_out")),
+        (r"(encoder/(conv_out|block_\d+/.*conv\w*)|decoder/(conv_in|block_\d+/.*conv\w*))/kernel",
+         (None, "conv_in", "conv_out")),
+        # one audio channel in or out: nothing to split there
+        (r"encoder/conv_in/kernel", (None, None, "conv_out")),
+        (r"decoder/conv_out/kernel", (None, "conv_in", None)),
     ],
 }
 
