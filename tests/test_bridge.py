@@ -72,7 +72,7 @@ def _lavis_names(model, queries, projection, prefix="audio_"):
     sd[f"{prefix}Qformer.bert." + k.replace(".crossattention.attention.", ".crossattention.self.")] = v
   sd[f"{prefix}query_tokens"] = queries
   sd["hiddin_projection.weight"], sd["hiddin_projection.bias"] = projection.weight, projection.bias
-  sd["projection.weight"] = projection.weight[:3]  # STAR's stage-1 classifier: not part of the Q-Former
+  sd["projection.weight"], sd["projection.bias"] = projection.weight[:3], projection.bias[:3]  # stage-1 head
   return sd
 
 
@@ -84,6 +84,8 @@ def test_from_star_state_dict_matches_from_torch():
   assert jax.tree.structure(params) == jax.tree.structure(ref)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref)):
     np.testing.assert_array_equal(a, b)
+  num_classes, head = convert.classifier_from_star_state_dict(_lavis_names(model, queries, projection))
+  assert num_classes == 3 and head["projection"]["kernel"].shape == (32, 3)
 
 
 def test_convert_cli_from_star_checkpoint(tmp_path):

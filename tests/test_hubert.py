@@ -58,6 +58,18 @@ def test_parity_with_transformers_on_padded_batch(stable):
   assert np.all(hidden[~frame_mask] == 0)
 
 
+def test_bf16_compute_stays_close_to_f32():
+  model = _tiny_hf(True, conv_dim=(16, 128, 128))  # wide enough for the per-block matmul path
+  wav, mask = _batch()
+  cfg, params = convert.from_torch(model)
+  ref = _torch_hidden(model, wav, mask)
+  cfg16 = HubertConfig(**{**cfg.__dict__, "dtype": "bfloat16"})
+  hidden, frame_mask = jax.jit(Hubert(cfg16).apply)({"params": params}, jnp.asarray(wav), jnp.asarray(mask))
+  assert hidden.dtype == jnp.float32
+  err = np.abs(np.asarray(hidden) - ref)[np.asarray(frame_mask)].max()
+  assert err <= 3e-2 * np.abs(ref).max(), err
+
+
 def test_unmasked_call_and_odd_pos_kernel_match():
   model = _tiny_hf(True, num_conv_pos_embeddings=7, hidden_act="gelu_new", feat_proj_layer_norm=False)
   wav, _ = _batch()
@@ -103,13 +115,17 @@ def test_normalize_waveform_matches_hf_feature_extractor():
   np.testing.assert_allclose(ours, ref["input_values"], atol=1e-5)
 
 
+@pytest.mark.parametrize("c", [1, 200])  # narrow blocks take one im2col matmul, wide ones a matmul per block
 @pytest.mark.parametrize("k,s", [(10, 5), (3, 2), (2, 2), (4, 3), (1, 1)])
-def test_strided_conv_equals_lax_conv(k, s):
+def test_bf16_strided_conv_equals_lax_conv(k, s, c):
   rng = np.random.default_rng(1)
-  x = jnp.asarray(rng.standard_normal((2, 37, 3)), jnp.float32)
-  w = jnp.asarray(rng.standard_normal((k, 3, 5)), jnp.float32)
-  ref = jax.lax.conv_general_dilated(x, w, (s,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"))
-  np.testing.assert_allclose(np.asarray(strided_conv(x, w, s, jnp.float32)), np.asarray(ref), atol=1e-5)
+  x = jnp.asarray(rng.standard_normal((2, 37, c)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((k, c, 5)), jnp.bfloat16)
+  ref = jax.lax.conv_general_dilated(x.astype(jnp.float32), w.astype(jnp.float32), (s,), "VALID",
+                                     dimension_numbers=("NWC", "WIO", "NWC"))
+  out = jax.jit(strided_conv, static_argnums=(2, 3))(x, w, s, jnp.bfloat16)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-3)
 
 
 def _param_count(tree):

@@ -94,6 +94,13 @@ def _cross_frequency(cross_layers: set[int], num_layers: int) -> int:
 
 def _infer_config(sd: Mapping[str, np.ndarray], queries: np.ndarray, proj: dict | None, **overrides
                   ) -> QFormerConfig:
+  try:
+    return _infer_config_or_raise(sd, queries, proj, **overrides)
+  except KeyError as e:
+    raise UserError(f"qformer: the checkpoint lacks {e.args[0]!r}") from e
+
+
+def _infer_config_or_raise(sd, queries, proj, **overrides) -> QFormerConfig:
   layers = {int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layer\.(\d+)\.", k))}
   if not layers:
     raise UserError("qformer: no `encoder.layer.{i}` weights found in the checkpoint")
@@ -130,6 +137,16 @@ def from_star_state_dict(state_dict: Mapping[str, Any], **config_overrides) -> t
     raise UserError("qformer: not a STAR/LAVIS Q-Former checkpoint (need `...Qformer.bert.*` and `query_tokens`)")
   config = _infer_config(sd, queries, proj, **config_overrides)
   return config, _params(sd, queries, proj, config)
+
+
+def classifier_from_star_state_dict(state_dict: Mapping[str, Any]) -> tuple[int, dict]:
+  """STAR's stage-1 head (`projection.{weight,bias}`, hidden -> labels) -> (num_classes, Classifier params)."""
+  key = next((k for k in state_dict
+              if k == "projection.weight" or (k.endswith(".projection.weight") and "Qformer" not in k)), None)
+  if key is None:
+    raise UserError("qformer: no stage-1 classifier (`projection.weight`) in the checkpoint")
+  kernel = _np(state_dict[key]).T
+  return kernel.shape[1], {"projection": {"kernel": kernel, "bias": _np(state_dict[key.removesuffix("weight") + "bias"])}}
 
 
 def from_hf_dir(directory: str, **config_overrides) -> tuple[QFormerConfig, dict]:
