@@ -54,17 +54,40 @@ def matmul_peak(dtype, n: int = 2048, reps: int = 5) -> float:
 def vae_decode_bench(dtype: str, frames: int, reps: int):
   """(seconds, flops) of decoding (1, frames, 128) latents with the paper VAE, or None if absent."""
   try:
-    from star_jax.models.vae import OobleckVAE, VAEConfig
+    from star_jax.models.vae import OobleckVAE, VAEConfig, hop_length
   except ImportError:
     return None
   cfg = VAEConfig(**{**load_config("configs/star.py:paper").vae.to_dict(), "dtype": dtype})
   vae = OobleckVAE(cfg)
   z = jnp.zeros((1, frames, cfg.latent_channels))
-  wav = jnp.zeros((1, 480 * frames))
-  params = jax.jit(lambda k: nn.unbox(vae.init(k, wav, method="encode")))(jax.random.key(0))
+  wav = jnp.zeros((1, 8 * hop_length(cfg)))  # param shapes do not depend on the length
+  params = jax.jit(lambda k: nn.unbox(vae.init(k, wav)))(jax.random.key(0))
   fn = jax.jit(lambda p, z: vae.apply(p, z, method="decode"))
   compiled = fn.lower(params, z).compile()
   return best_time(compiled, params, z, reps=reps), flops_of(compiled)
+
+
+def dit_bench(dtype: str, args) -> dict:
+  """Compile and time one DiT-L forward on the CFG batch of 2 (and optionally the whole sampler)."""
+  section = load_config("configs/star.py:paper").dit.to_dict()
+  cfg = DiTConfig(**{**section, "dtype": dtype, "remat": "none"})
+  model = DiT(cfg)
+  x = jax.random.normal(jax.random.key(1), (2, args.frames, cfg.latent_channels))  # cond + uncond
+  t = jnp.full((2,), 500.0)
+  ctx = jax.random.normal(jax.random.key(2), (2, 32, cfg.context_dim))
+  params = jax.jit(lambda k: nn.unbox(model.init(k, x[:1, :8], t[:1], ctx[:1])))(jax.random.key(0))
+  fwd = jax.jit(lambda p, x, t, c: model.apply(p, x, t, c))
+  t0 = time.perf_counter()
+  compiled = fwd.lower(params, x, t, ctx).compile()
+  compile_s = time.perf_counter() - t0
+  fwd_s = best_time(compiled, params, x, t, ctx, reps=args.reps)
+  full_s = None
+  if args.full:
+    sample = lambda n: flow.sample(model.apply, params, n, ctx[:1], num_steps=args.nfe,
+                                   cfg_scale=args.cfg_scale)
+    full_s = best_time(sample, x[:1], reps=1)
+  return dict(flops=flops_of(compiled), fwd_s=fwd_s, compile_s=compile_s, gen_s=args.nfe * fwd_s,
+              full_s=full_s)
 
 
 def main() -> int:
@@ -75,58 +98,46 @@ def main() -> int:
   ap.add_argument("--reps", type=int, default=2)
   ap.add_argument("--dtypes", default="float32,bfloat16")
   ap.add_argument("--full", action="store_true", help="also time the whole sampling loop")
+  ap.add_argument("--skip-vae", action="store_true", help="time the DiT only")
+  ap.add_argument("--skip-dit", action="store_true", help="time the VAE decode only")
   args = ap.parse_args()
 
   uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
   print(f"# {jax.devices()[0].device_kind}, {os.cpu_count()} cores; {uptime}")
-  section = load_config("configs/star.py:paper").dit.to_dict()
   rows = []
   for dtype in args.dtypes.split(","):
-    peak = matmul_peak(jnp.dtype(dtype))
-    cfg = DiTConfig(**{**section, "dtype": dtype, "remat": "none"})
-    model = DiT(cfg)
-    x = jax.random.normal(jax.random.key(1), (2, args.frames, cfg.latent_channels))  # cond + uncond
-    t = jnp.full((2,), 500.0)
-    ctx = jax.random.normal(jax.random.key(2), (2, 32, cfg.context_dim))
-    params = jax.jit(lambda k: nn.unbox(model.init(k, x[:1, :8], t[:1], ctx[:1])))(jax.random.key(0))
-    fwd = jax.jit(lambda p, x, t, c: model.apply(p, x, t, c))
-    t0 = time.perf_counter()
-    compiled = fwd.lower(params, x, t, ctx).compile()
-    compile_s = time.perf_counter() - t0
-    flops = flops_of(compiled)
-    fwd_s = best_time(compiled, params, x, t, ctx, reps=args.reps)
-    gen_s = args.nfe * fwd_s
-    full_s = None
-    if args.full:
-      sample = lambda n: flow.sample(model.apply, params, n, ctx[:1], num_steps=args.nfe,
-                                     cfg_scale=args.cfg_scale)
-      full_s = best_time(sample, x[:1], reps=1)
-    vae = vae_decode_bench(dtype, args.frames, args.reps)
-    rows.append(dict(dtype=dtype, peak=peak, flops=flops, fwd_s=fwd_s, compile_s=compile_s, gen_s=gen_s,
-                     full_s=full_s, vae=vae))
-    del params, compiled
+    r = dict(dtype=dtype, peak=matmul_peak(jnp.dtype(dtype)))
+    if not args.skip_dit:
+      r.update(dit_bench(dtype, args))
+    r["vae"] = None if args.skip_vae else vae_decode_bench(dtype, args.frames, args.reps)
+    rows.append(r)
 
-  print("\n| dtype | matmul peak GFLOP/s | DiT-L fwd (B=2, L=%d) GFLOP | fwd s | GFLOP/s | %% of peak "
-        "| PyTorch fwd s | ours / PyTorch | compile s |" % args.frames)
-  print("|---|---|---|---|---|---|---|---|---|")
-  for r in rows:
-    ach = r["flops"] / r["fwd_s"]
-    ref = PYTORCH_FORWARD_S.get(r["dtype"])
-    print(f"| {r['dtype']} | {r['peak'] / 1e9:.0f} | {r['flops'] / 1e9:.0f} | {r['fwd_s']:.2f} | "
-          f"{ach / 1e9:.0f} | {100 * ach / r['peak']:.0f}% | {ref} | {r['fwd_s'] / ref:.2f} | "
-          f"{r['compile_s']:.0f} |")
+  if not args.skip_dit:
+    print("\n| dtype | matmul peak GFLOP/s | DiT-L fwd (B=2, L=%d) GFLOP | fwd s | GFLOP/s | %% of peak "
+          "| PyTorch fwd s | ours / PyTorch | compile s |" % args.frames)
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+      ach = r["flops"] / r["fwd_s"]
+      ref = PYTORCH_FORWARD_S.get(r["dtype"])
+      print(f"| {r['dtype']} | {r['peak'] / 1e9:.0f} | {r['flops'] / 1e9:.0f} | {r['fwd_s']:.2f} | "
+            f"{ach / 1e9:.0f} | {100 * ach / r['peak']:.0f}% | {ref} | {r['fwd_s'] / ref:.2f} | "
+            f"{r['compile_s']:.0f} |")
   print(f"\n| dtype | {args.nfe} x DiT-L fwd s | full sampler s | VAE decode s | VAE GFLOP | VAE GFLOP/s "
-        f"| 10-s generation s |")
-  print("|---|---|---|---|---|---|---|")
+        f"| VAE % of peak | 10-s generation s |")
+  print("|---|---|---|---|---|---|---|---|")
   for r in rows:
-    full = f"{r['full_s']:.1f}" if r["full_s"] is not None else "not run (--full)"
+    gen = r.get("gen_s")
+    full = r.get("full_s")
     if r["vae"] is None:
-      vae_cols, vae_s = "VAE not in this tree | - | -", 0.0
+      vae_cols, vae_s = "not run | - | - | -", 0.0
     else:
       vae_s, vae_flops = r["vae"]
-      vae_cols = f"{vae_s:.2f} | {vae_flops / 1e9:.0f} | {vae_flops / vae_s / 1e9:.0f}"
-    total = (r["full_s"] if r["full_s"] is not None else r["gen_s"]) + vae_s
-    print(f"| {r['dtype']} | {r['gen_s']:.1f} | {full} | {vae_cols} | {total:.1f} |")
+      vae_cols = (f"{vae_s:.2f} | {vae_flops / 1e9:.0f} | {vae_flops / vae_s / 1e9:.0f} | "
+                  f"{100 * vae_flops / vae_s / r['peak']:.0f}%")
+    dit_s = full if full is not None else gen
+    total = "-" if dit_s is None else f"{dit_s + vae_s:.1f}"
+    print(f"| {r['dtype']} | {'-' if gen is None else f'{gen:.1f}'} | "
+          f"{'not run' if full is None else f'{full:.1f}'} | {vae_cols} | {total} |")
   return 0
 
 

@@ -60,3 +60,90 @@ def load_params(directory: str, sharding: Any = None) -> tuple[Any, dict]:
                               ckptr.metadata(target).item_metadata.tree, sharding)
       params = ckptr.restore(target, abstract)
   return params, meta
+
+
+def abstract_tree(shapes: Any, shardings: Any) -> Any:
+  """Shapes (from `jax.eval_shape`) + shardings -> ShapeDtypeStructs to restore straight into place."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+class TrainCheckpointer:
+  """An orbax CheckpointManager for one training run: train state + data iterator + loop meta per step.
+
+  Each step folder holds `state` (a pytree, restored into abstract sharded targets, so a different mesh
+  shape works), `data` (the grain iterator's state, one file per process) and `meta` (JSON: e.g. the best
+  validation score). Saves are asynchronous and keep the latest `keep` steps; orbax writes into a
+  temporary folder and renames it when complete, so a run killed mid-save restores the previous step.
+  """
+
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    import orbax.checkpoint as ocp
+
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, data_iter: Any = None, meta: dict | None = None,
+           force: bool = False) -> bool:
+    """Start saving `step` (returns once device arrays are copied; files are written in the background)."""
+    import grain.checkpoint
+    import orbax.checkpoint as ocp
+
+    items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta or {})}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, abstract_state: Any, data_iter: Any = None, step: int | None = None
+              ) -> tuple[Any, dict]:
+    """Restore `step` (default: latest) into `abstract_state`'s shapes and shardings -> (state, meta).
+
+    `data_iter`, when given, is set to the saved iterator position in place.
+    """
+    import grain.checkpoint
+    import orbax.checkpoint as ocp
+
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise UserError(f"no checkpoint to restore in '{self.directory}'")
+    items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+    if data_iter is not None:
+      if not os.path.isdir(os.path.join(self.directory, str(step), "data")):
+        raise UserError(f"checkpoint step {step} in '{self.directory}' has no data iterator state")
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"], dict(restored["meta"] or {})
+
+  def restore_numpy(self, step: int | None = None) -> tuple[dict, dict]:
+    """Restore `step` (default: latest) as host numpy arrays, on any device count -> (state dict, meta)."""
+    import orbax.checkpoint as ocp
+
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise UserError(f"no checkpoint to restore in '{self.directory}'")
+    state_dir = os.path.join(self.directory, str(step), "state")
+    with ocp.PyTreeCheckpointer() as ckptr:
+      tree = ckptr.metadata(state_dir).item_metadata.tree
+      as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+      state = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return state, dict(meta or {})
+
+  def wait(self) -> None:
+    """Block until every pending save is on disk."""
+    self._manager.wait_until_finished()
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every host at the same step once any host got a preemption notice (multi-host)."""
+    return self._manager.reached_preemption(step)
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

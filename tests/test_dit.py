@@ -280,3 +280,18 @@ def test_converter_reads_star_backbone_names_and_rejects_unknown():
   sd["backbone.in_blocks.0.attn.to_q.bias"] = np.zeros(CFG.hidden_size, np.float32)
   with pytest.raises(UserError, match="unrecognised"):
     from_ezaudio_state_dict(sd)
+
+
+def test_convert_cli_writes_a_checkpoint(tmp_path):
+  torch = pytest.importorskip("torch")
+  from star_jax import cli
+  from star_jax.checkpoint import load_params
+
+  p = _perturbed(_init())
+  sd = {k: torch.from_numpy(np.array(v)) for k, v in to_ezaudio_state_dict(p).items()}
+  torch.save(sd, tmp_path / "ezaudio.pt")
+  assert cli.main(["convert", "dit", "--from", str(tmp_path / "ezaudio.pt"), "--out", str(tmp_path / "ckpt"),
+                   "--lora-alpha", str(CFG.lora_alpha), "--dtype", "float32", "--remat", "none"]) == 0
+  params, meta = load_params(str(tmp_path / "ckpt"))
+  assert meta["kind"] == "dit" and DiTConfig(**meta["config"]) == CFG
+  jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, p))

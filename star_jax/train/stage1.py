@@ -1,0 +1,91 @@
+"""Stage 1: HuBERT -> bridge -> sound-event classifier with BCE; validation mAP each epoch drives early
+stopping (DESIGN.md §1-2). HuBERT trains too when `stage1.train_hubert` (tiny configs), else it is frozen.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from star_jax import sharding
+from star_jax.metrics.scores import mean_average_precision
+from star_jax.train import components
+from star_jax.train.stage import Stage
+
+
+def build(cfg, data=None) -> Stage:
+  from star_jax.models.bridge import Classifier
+  from star_jax.models.hubert import Hubert
+
+  hp = cfg.stage1
+  hubert = Hubert(components.hubert_config(cfg))
+  bridge = components.bridge_module(cfg)
+  head = Classifier(components.num_classes(cfg, data), dtype=cfg.qformer.dtype)
+  train_hubert = bool(hp.train_hubert)
+
+  def init(rng):
+    r_hub, r_bridge, r_head = jax.random.split(rng, 3)
+    hub = hubert.init(r_hub, jnp.zeros((1, 4000)))["params"]  # param shapes do not depend on length
+    tokens = bridge.init(r_bridge, jnp.zeros((1, 4, cfg.hubert.hidden_size)))
+    params = {"bridge": tokens["params"],
+              "classifier": head.init(r_head, jnp.zeros((1, cfg.qformer.num_queries, cfg.qformer.output_size
+                                                          or cfg.qformer.hidden_size)))["params"]}
+    frozen = {}
+    (params if train_hubert else frozen)["hubert"] = hub
+    return {"params": params, "frozen": frozen}
+
+  def logits_fn(params, frozen, batch, rng=None):
+    hub = params["hubert"] if train_hubert else frozen["hubert"]
+    feats, mask = components.speech_features(cfg, hub, batch)
+    if not train_hubert:
+      feats = jax.lax.stop_gradient(feats)
+    rngs = None if rng is None else {"dropout": rng}
+    tokens = bridge.apply({"params": params["bridge"]}, feats, mask, deterministic=rng is None, rngs=rngs)
+    return head.apply({"params": params["classifier"]}, tokens)
+
+  def loss(params, frozen, batch, rng):
+    bce = optax.sigmoid_binary_cross_entropy(logits_fn(params, frozen, batch, rng), batch["labels"]).mean()
+    return bce, {"bce": bce}
+
+  predict = jax.jit(lambda params, frozen, batch: jax.nn.sigmoid(logits_fn(params, frozen, batch)))
+
+  def evaluate(state, data, mesh) -> dict:
+    """mAP and BCE on the validation split, every example once (the last batch padded and masked)."""
+    local_bs = int(hp.batch_size) // jax.process_count()
+    it = data.iterator(hp.get("eval_split", "valid"), batch_size=local_bs, shuffle=False, num_epochs=1,
+                       seed=0, drop_remainder=False)
+    labels, scores = [], []
+    keys = ("speech", "speech_mask", "labels", "hubert", "hubert_mask")
+    for batch in it:
+      n = len(batch["labels"])
+      batch = {k: _pad(np.asarray(v), local_bs) for k, v in batch.items() if k in keys}
+      with jax.set_mesh(mesh):
+        probs = predict(state.params, state.frozen, sharding.global_batch(batch, mesh))
+      scores.append(np.asarray(jax.device_get(probs))[:n])
+      labels.append(batch["labels"][:n])
+    labels_nc, scores_nc = np.concatenate(labels), np.concatenate(scores)
+    eps = 1e-7
+    bce = -np.mean(labels_nc * np.log(scores_nc + eps) + (1 - labels_nc) * np.log(1 - scores_nc + eps))
+    m_ap = mean_average_precision(labels_nc, scores_nc)
+    return {"score": m_ap, "mAP": m_ap, "bce": float(bce), "examples": len(labels_nc)}
+
+  def load_pretrained(state):
+    if not hp.get("init_hubert"):
+      return state
+    tree = "params" if train_hubert else "frozen"
+    loaded = components.put_like(components.component(hp.init_hubert, "hubert"),
+                                 getattr(state, tree)["hubert"], "stage1.init_hubert")
+    return state.replace(**{tree: {**getattr(state, tree), "hubert": loaded}})
+
+  return Stage(name="stage1", hparams=hp, init=init, loss=loss, evaluate=evaluate,
+               load_pretrained=load_pretrained,
+               batch_keys=("speech", "speech_mask", "labels", "hubert", "hubert_mask"))
+
+
+def _pad(x: np.ndarray, size: int) -> np.ndarray:
+  """Pad the batch axis to `size` with copies of the first row (their outputs are dropped)."""
+  if len(x) == size:
+    return x
+  return np.concatenate([x, np.repeat(x[:1], size - len(x), axis=0)])

@@ -1,0 +1,49 @@
+"""Text-to-audio pre-training of the DiT: flow matching on VAE latents conditioned on the text embeddings
+stored in the records (`text_emb`, any width: `tta.text_dim`). Its DiT initialises stage 2.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from star_jax import flow
+from star_jax.train import components
+from star_jax.train.stage import Stage
+
+log = logging.getLogger("star_jax.train")
+
+
+def build(cfg, data=None) -> Stage:
+  from star_jax.models.dit import DiT
+  from star_jax.models.vae import OobleckVAE
+
+  hp = cfg.tta
+  dit = DiT(components.dit_config(cfg, context_dim=hp.text_dim))
+  vae = OobleckVAE(components.vae_config(cfg))
+
+  def init(rng):
+    r_dit, r_vae = jax.random.split(rng)
+    latents = jnp.zeros((1, 4, cfg.vae.latent_channels))
+    return {"params": {"dit": dit.init(r_dit, latents, jnp.zeros((1,)), jnp.zeros((1, 2, hp.text_dim)))["params"]},
+            "frozen": {"vae": vae.init(r_vae, jnp.zeros((1, 4 * components.vae_hop(cfg))))["params"]}}
+
+  def loss(params, frozen, batch, rng):
+    r_latents, r_flow = jax.random.split(rng)
+    x0, x_mask = components.audio_latents(cfg, frozen["vae"], batch, r_latents)
+    value = flow.flow_matching_loss(dit.apply, {"params": params["dit"]}, x0, batch["text_emb"], r_flow,
+                                    context_mask_bs=batch["text_mask"], x_mask_bl=x_mask,
+                                    cond_drop_prob=float(cfg.flow.cond_drop_prob))
+    return value, {"flow": value}
+
+  def load_pretrained(state):
+    if not hp.init_vae:
+      log.warning("tta: no init_vae; the VAE is random and frozen")
+      return state
+    vae_params = components.put_like(components.component(hp.init_vae, "vae"), state.frozen["vae"], "tta.init_vae")
+    return state.replace(frozen={**state.frozen, "vae": vae_params})
+
+  return Stage(name="tta", hparams=hp, init=init, loss=loss, load_pretrained=load_pretrained,
+               batch_keys=("audio", "audio_mask", "text_emb", "text_mask", "latents", "latents_mask"))

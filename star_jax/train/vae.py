@@ -1,0 +1,63 @@
+"""The `vae` stage: the Oobleck VAE trained on audio with a multi-resolution STFT loss plus a small KL
+to N(0, I) (DESIGN.md §1; the adversarial and feature-matching terms of Stable Audio are not used).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from star_jax.train import components
+from star_jax.train.stage import Stage
+
+
+def stft_magnitude(wav_bt: jax.Array, n_fft: int) -> jax.Array:
+  """|STFT| with a Hann window, hop n_fft/4, zero-padded by n_fft/2 on both sides -> (B, frames, n_fft/2+1)."""
+  hop = n_fft // 4
+  x = jnp.pad(wav_bt.astype(jnp.float32), ((0, 0), (n_fft // 2, n_fft // 2)))
+  num_frames = 1 + (x.shape[1] - n_fft) // hop
+  idx = jnp.arange(num_frames)[:, None] * hop + jnp.arange(n_fft)[None, :]
+  window = 0.5 - 0.5 * jnp.cos(2 * jnp.pi * jnp.arange(n_fft) / n_fft)
+  return jnp.abs(jnp.fft.rfft(x[:, idx] * window, axis=-1))
+
+
+def multi_resolution_stft_loss(pred_bt: jax.Array, target_bt: jax.Array, windows=(512, 256, 128, 64),
+                               eps: float = 1e-5) -> jax.Array:
+  """Mean over resolutions of spectral convergence + L1 of log magnitudes (Yamamoto et al. 2020)."""
+  total = 0.0
+  for n_fft in windows:
+    p, t = stft_magnitude(pred_bt, n_fft), stft_magnitude(target_bt, n_fft)
+    convergence = jnp.linalg.norm((t - p).reshape(-1)) / (jnp.linalg.norm(t.reshape(-1)) + eps)
+    log_mag = jnp.mean(jnp.abs(jnp.log(t + eps) - jnp.log(p + eps)))
+    total = total + convergence + log_mag
+  return total / len(windows)
+
+
+def fit_length(x_bt: jax.Array, length: int) -> jax.Array:
+  """Crop or zero-pad the time axis to `length` (the decoder's output can be a few samples short)."""
+  if x_bt.shape[1] >= length:
+    return x_bt[:, :length]
+  return jnp.pad(x_bt, ((0, 0), (0, length - x_bt.shape[1])))
+
+
+def build(cfg, data=None) -> Stage:
+  from star_jax.models.vae import OobleckVAE, posterior_kl
+
+  hp = cfg.vae_stage
+  vae = OobleckVAE(components.vae_config(cfg))
+  windows = tuple(int(w) for w in hp.stft_windows)
+
+  def init(rng):
+    return {"params": {"vae": vae.init(rng, jnp.zeros((1, 4 * components.vae_hop(cfg))))["params"]},
+            "frozen": {}}
+
+  def loss(params, frozen, batch, rng):
+    mask = batch["audio_mask"].astype(jnp.float32)
+    wav = batch["audio"] * mask
+    recon, mean, std = vae.apply({"params": params["vae"]}, wav, rng)
+    recon = fit_length(recon, wav.shape[1]) * mask
+    stft = multi_resolution_stft_loss(recon, wav, windows)
+    kl = posterior_kl(mean, std)
+    return stft + float(hp.kl_weight) * kl, {"stft": stft, "kl": kl}
+
+  return Stage(name="vae", hparams=hp, init=init, loss=loss, batch_keys=("audio", "audio_mask"))

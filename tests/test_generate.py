@@ -1,0 +1,78 @@
+"""`export` + `generate` on a tiny random bundle: wav length and rate, folder mode, and bad input."""
+
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+import soundfile as sf
+
+from star_jax.checkpoint import save_params
+from star_jax.cli import main
+from star_jax.config import load_config
+from star_jax.export import export_bundle
+from star_jax.train.stage import build_stage
+
+RATE = 16000
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+  """A stage-2 workdir holding random tiny weights (as `best/`), exported to a bundle."""
+  root = tmp_path_factory.mktemp("gen")
+  cfg = load_config("configs/star.py:tiny", ["dit.depth=2", "hubert.num_layers=1", "flow.num_steps=2"])
+  tree = nn.unbox(build_stage(cfg, "stage2").init(jax.random.PRNGKey(0)))
+  work = root / "stage2"
+  save_params(str(work / "best"), tree, cfg, kind="stage2")
+  (work / "config.json").write_text(cfg.to_json())
+  return export_bundle(str(work), str(root / "bundle"))
+
+
+def _speech(path, seconds=1.0, rate=RATE, channels=1):
+  t = np.arange(int(seconds * rate)) / rate
+  wave = 0.3 * np.sin(2 * np.pi * 220 * t)[:, None] * np.ones((1, channels))
+  sf.write(str(path), wave.astype(np.float32), rate)
+  return str(path)
+
+
+def test_generate_writes_requested_length(bundle, tmp_path):
+  src = _speech(tmp_path / "q.wav", seconds=1.3, rate=44100, channels=2)  # resampled and mixed down
+  out = tmp_path / "out.wav"
+  assert main(["generate", "--ckpt", bundle, "--speech", src, "--out", str(out), "--seconds", "0.75",
+               "--steps", "2", "--cfg", "2.0"]) == 0
+  wav, rate = sf.read(str(out))
+  assert rate == RATE and wav.shape == (int(0.75 * RATE),) and np.all(np.isfinite(wav))
+
+
+def test_generate_folder_mode(bundle, tmp_path):
+  queries = tmp_path / "queries"
+  queries.mkdir()
+  for i, rate in enumerate((8000, 16000, 96000)):
+    _speech(queries / f"q{i}.wav", seconds=0.5 + 0.3 * i, rate=rate, channels=1 + 7 * (i == 2))
+  (queries / "notes.txt").write_text("ignored")
+  assert main(["generate", "--ckpt", bundle, "--speech", str(queries), "--out", str(tmp_path / "outs"),
+               "--seconds", "0.5", "--batch-size", "2"]) == 0
+  assert sorted(os.listdir(tmp_path / "outs")) == ["q0.wav", "q1.wav", "q2.wav"]
+
+
+@pytest.mark.parametrize("case", ["missing", "random_bytes", "empty_file", "zero_length", "silent", "nan",
+                                  "too_long"])
+def test_generate_bad_input_exits_2(case, bundle, tmp_path, capsys):
+  path = tmp_path / "in.wav"
+  if case == "random_bytes":
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+  elif case == "empty_file":
+    path.write_bytes(b"")
+  elif case == "zero_length":
+    sf.write(str(path), np.zeros(0, np.float32), RATE)
+  elif case == "silent":
+    sf.write(str(path), np.zeros(RATE, np.float32), RATE)
+  elif case == "nan":
+    sf.write(str(path), np.full(RATE, np.nan, np.float32), RATE, subtype="FLOAT")
+  elif case == "too_long":
+    sf.write(str(path), np.zeros(61 * 8000, np.int16), 8000)
+  code = main(["generate", "--ckpt", bundle, "--speech", str(path), "--out", str(tmp_path / "o.wav")])
+  err = capsys.readouterr().err
+  assert code == 2 and "in.wav" in err and "Traceback" not in err
+  assert len(err.strip().splitlines()) == 1

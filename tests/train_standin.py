@@ -1,0 +1,100 @@
+"""A stand-in stage and in-memory data for the loop tests: tiny Linen modules, no real models."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from star_jax.config import load_config
+from star_jax.models.layers import Dense
+from star_jax.train.stage import Stage
+
+
+class Encoder(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return jnp.tanh(Dense(32, axes=("embed", "mlp"))(x))
+
+
+class Head(nn.Module):
+  @nn.compact
+  def __call__(self, h):
+    h = nn.gelu(Dense(32, axes=("mlp", "embed"))(h))
+    return Dense(4, axes=("embed", None))(h)
+
+
+class ArrayData:
+  """`Data` over in-memory numpy examples via grain (checkpointable iterators)."""
+
+  def __init__(self, n=64, seed=0, nan_at=()):
+    r = np.random.default_rng(seed)
+    self.x = r.standard_normal((n, 16)).astype(np.float32)
+    self.y = np.tanh(self.x[:, :4] * 2).astype(np.float32)
+    for i in nan_at:
+      self.x[i] = np.nan
+
+  def iterator(self, split, *, batch_size, shuffle, num_epochs, seed, drop_remainder=True):
+    ds = grain.MapDataset.range(len(self.x))
+    if shuffle:
+      ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs).map(lambda i: {"x": self.x[i], "y": self.y[i], "id": i})
+    return iter(ds.batch(batch_size, drop_remainder=drop_remainder).to_iter_dataset())
+
+  def num_examples(self, split):
+    return len(self.x)
+
+
+def standin_stage(steps=6, batch_size=8, nan_policy="stop", **hp):
+  """A stage with a frozen encoder and a trainable head fitting y from x, plus input noise (rng use)."""
+  section = ml_collections.ConfigDict(dict(lr=3e-3, weight_decay=0.01, warmup_steps=2, steps=steps,
+                                           batch_size=batch_size, grad_clip=1.0, ema_decay=0.0, **hp))
+
+  def init(rng):
+    r1, r2 = jax.random.split(rng)
+    return {"params": {"head": Head().init(r2, jnp.zeros((1, 32)))["params"]},
+            "frozen": {"encoder": Encoder().init(r1, jnp.zeros((1, 16)))["params"]}}
+
+  def loss(params, frozen, batch, rng):
+    x = batch["x"] + 0.01 * jax.random.normal(rng, batch["x"].shape)
+    h = Encoder().apply({"params": frozen["encoder"]}, x)
+    pred = Head().apply({"params": params["head"]}, h)
+    mse = jnp.mean((pred - batch["y"]) ** 2)
+    return mse, {"mse": mse}
+
+  return Stage(name="standin", hparams=section, init=init, loss=loss, batch_keys=("x", "y"))
+
+
+def standin_config(*overrides):
+  return load_config("configs/star.py:tiny", ["train.log_every_steps=1", "train.checkpoint_every_steps=2",
+                                              *overrides])
+
+
+class RandomRecords:
+  """`Data` with every batch field of star_jax.data.pipeline, random but fixed: speech, audio, labels,
+  text embeddings (with masks); `label_names` as the records' info gives them."""
+
+  def __init__(self, cfg, n=16, num_classes=5, seed=0):
+    r = np.random.default_rng(seed)
+    ts = int(cfg.data.speech_duration_s * cfg.data.speech_sample_rate_hz)
+    ta = int(cfg.data.audio_duration_s * cfg.vae.sample_rate_hz)
+    self.label_names = [f"class{i}" for i in range(num_classes)]
+    lengths = r.integers(ta // 2, ta + 1, n)
+    self.examples = [dict(
+        speech=(0.1 * r.standard_normal(ts)).astype(np.float32), speech_mask=np.arange(ts) < ts - 400 * (i % 3),
+        audio=(0.1 * r.standard_normal(ta)).astype(np.float32), audio_mask=np.arange(ta) < lengths[i],
+        labels=(r.random(num_classes) < 0.4).astype(np.float32),
+        text_emb=r.standard_normal((6, cfg.tta.text_dim)).astype(np.float32), text_mask=np.arange(6) < 3 + i % 4,
+    ) for i in range(n)]
+
+  def iterator(self, split, *, batch_size, shuffle, num_epochs, seed, drop_remainder=True):
+    ds = grain.MapDataset.source(self.examples)
+    if shuffle:
+      ds = ds.shuffle(seed=seed)
+    return iter(ds.repeat(num_epochs).batch(batch_size, drop_remainder=drop_remainder).to_iter_dataset())
+
+  def num_examples(self, split):
+    return len(self.examples)
