@@ -13,6 +13,8 @@ import argparse
 import logging
 import sys
 
+from star_jax import distributed
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--config", default="configs/star.py:tiny", help="FILE.py:VARIANT (default: %(default)s)")
@@ -21,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config value, e.g. --set stage2.lr=1e-4 (repeatable)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+  distributed.add_distributed_arguments(p)
 
 
 def setup_logging() -> None:
@@ -29,6 +32,7 @@ def setup_logging() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+  distributed.initialize_from_args(args)  # multi-host: before anything asks JAX for its devices
   from star_jax.config import load_config
   from star_jax.train import loop
   from star_jax.train.stage import RecordData, build_stage
