@@ -33,8 +33,9 @@ def test_plan_compiles_stage2_at_paper_widths():
   cfg = load_config("configs/star.py:paper", ["dit.depth=2", "hubert.num_layers=1"])
   mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
   p = plan.plan_stage(cfg, "stage2", mesh, 8, cached=True)
-  state_and_batch = sum(p.group_bytes.values())
-  assert state_and_batch <= p.argument_bytes <= state_and_batch * 1.01 + 2**20
+  state = sum(b for name, b in p.group_bytes.items() if name != "batch")
+  # the donated state is all there; jit drops batch entries the step never reads (speech, audio here)
+  assert state <= p.argument_bytes <= state + p.group_bytes["batch"] + 2**20
   assert p.flops > 1e9 and p.temp_bytes > 0
   assert any(c.op == "all-gather" and c.group_size == 8 for c in p.collectives)
   text = plan.report(p, plan.predict(p, plan.ACCELERATORS["tpu-v5p"]), 8)
