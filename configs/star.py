@@ -69,14 +69,16 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.variant = variant
   c.seed = 0
 
-  # Mesh and logical-axis rules (star_jax/sharding.py). -1 fills the remaining devices.
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # Mesh and logical-axis rules (star_jax/sharding.py). -1 fills the remaining devices. `paper` shards
+  # params, grads and optimizer state over every device (FSDP; the batch splits over data x fsdp, so the
+  # global batch must be a multiple of the device count); add tensor=2..8 within a node when it is not.
+  c.mesh = dict(data=1, fsdp=-1, tensor=1) if paper else dict(data=-1, fsdp=1, tensor=1)
   c.logical_axis_rules = [
       ("batch", ("data", "fsdp")),
       ("embed", "fsdp"),
       ("mlp", "tensor"),
       ("heads", "tensor"),
-      ("kv", None),
+      ("kv", "fsdp"),  # key/value projection inputs (Q-Former) and per-head norms: FSDP like `embed`
       ("length", None),
       ("conv_in", "fsdp"),
       ("conv_out", "tensor"),

@@ -79,8 +79,46 @@ def logical_specs(boxed_tree: Any) -> Any:
 
 
 def tree_shardings(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
-  """NamedShardings for every leaf of a boxed tree; unannotated leaves are replicated."""
-  return nn.logical_to_mesh_sharding(logical_specs(boxed_tree), mesh, rules)
+  """NamedShardings for every leaf of a boxed tree; unannotated leaves are replicated.
+
+  A mesh axis that does not divide its dimension (a 1-channel conv, 527 classes) is dropped there:
+  JAX cannot shard unevenly, and that dimension is small.
+  """
+  shardings = nn.logical_to_mesh_sharding(logical_specs(boxed_tree), mesh, rules)
+  return jax.tree.map(lambda s, x: with_fsdp(fit_sharding(s, x.shape), x.shape), shardings,
+                      nn.unbox(boxed_tree), is_leaf=lambda s: isinstance(s, NamedSharding))
+
+
+def with_fsdp(sharding: NamedSharding, shape: Sequence[int]) -> NamedSharding:
+  """A kernel whose logical axes put nothing on `fsdp` (e.g. a LoRA rank axis) is split over `fsdp` on
+  its largest free dimension that `fsdp` divides, so FSDP memory falls as 1/fsdp for every kernel."""
+  mesh = sharding.mesh
+  size = dict(mesh.shape).get("fsdp", 1)
+  spec = list(tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec)))
+  used = {a for axes in spec if axes for a in ((axes,) if isinstance(axes, str) else axes)}
+  if len(shape) < 2 or size == 1 or "fsdp" in used:
+    return sharding
+  free = [d for d in range(len(shape)) if spec[d] is None and shape[d] % size == 0]
+  if not free:
+    return sharding
+  spec[max(free, key=lambda d: shape[d])] = "fsdp"
+  return NamedSharding(mesh, P(*spec))
+
+
+def fit_sharding(sharding: NamedSharding, shape: Sequence[int]) -> NamedSharding:
+  """`sharding` with each dimension's mesh axes kept only while their product divides the dimension."""
+  spec = []
+  for d, axes in enumerate(tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    kept, size = [], 1
+    for name in names:
+      if shape[d] % (size * sharding.mesh.shape[name]) == 0:
+        kept.append(name)
+        size *= sharding.mesh.shape[name]
+    spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  while spec and spec[-1] is None:
+    spec.pop()
+  return NamedSharding(sharding.mesh, P(*spec))
 
 
 def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *args) -> tuple[Any, Any]:
@@ -120,6 +158,18 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
   if global_batch_size % d:
     raise UserError(f"batch size {global_batch_size} is not divisible by the data axes "
                      f"data×fsdp = {d} of mesh {dict(mesh.shape)}; pick a multiple of {d}")
+
+
+def process_batch_rows(mesh: Mesh, global_batch_size: int) -> slice:
+  """The rows of the global batch that this process feeds: those its own devices hold (contiguous)."""
+  check_batch_size(global_batch_size, mesh)
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+  rows = sorted({idx[0].indices(global_batch_size)[:2] for idx in index_map.values()})
+  start, stop = rows[0][0], rows[-1][1]
+  if sum(b - a for a, b in rows) != stop - start:
+    raise ValueError(f"this process's batch rows {rows} are not contiguous; build the mesh with "
+                     f"make_mesh so each process's devices are adjacent on the data axes")
+  return slice(start, stop)
 
 
 def global_batch(local_batch: Any, mesh: Mesh) -> Any:

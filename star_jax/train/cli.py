@@ -13,6 +13,8 @@ import argparse
 import logging
 import sys
 
+from star_jax import distributed
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--config", default="configs/star.py:tiny", help="FILE.py:VARIANT (default: %(default)s)")
@@ -23,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
   p.add_argument("--skip-bad-records", action="store_true",
                  help="replace unreadable records by good ones and count them (data.skip_bad_records=True)")
+  distributed.add_distributed_arguments(p)
 
 
 def setup_logging() -> None:
@@ -40,6 +43,7 @@ def check_config(cfg, stage_name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+  distributed.initialize_from_args(args)  # multi-host: before anything asks JAX for its devices
   from star_jax.config import load_config
   from star_jax.train import loop
   from star_jax.train.stage import RecordData, build_stage
