@@ -106,6 +106,8 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = _kernel(self, (self.kernel_size, x.shape[-1], self.features), self.axes)
+    # XLA's CPU convolution runs these shapes at the f32 matmul rate; an im2col matmul (shifted slices
+    # + one dot) measured 1.5-2.5x slower in f32 and no faster in bf16 (bench/RESULTS.md).
     y = jax.lax.conv_general_dilated(
         x.astype(self.dtype), kernel.astype(self.dtype), (self.stride,), [(self.padding, self.padding)],
         rhs_dilation=(self.dilation,), dimension_numbers=("NWC", "WIO", "NWC"),
