@@ -5,7 +5,7 @@ BIN       := $(VENV)/bin
 STAMP     := $(VENV)/.installed
 DEB_PKGS  := espeak-ng sox openttd-opensfx
 OPENSFX   := /usr/share/games/openttd/baseset/opensfx/opensfx.cat
-PYTEST_ARGS ?= -n 2 --dist loadfile
+PYTEST_ARGS ?= -n 2 --dist loadfile --timeout 1200
 
 .PHONY: setup system-deps demo test test-slow bench clean
 
