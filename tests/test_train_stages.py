@@ -37,17 +37,20 @@ def test_three_steps(name, tmp_path, mesh1):
     assert (tmp_path / "best" / "params").is_dir()
 
 
-# Known bug (issue 6, open): on the 2x2x2 mesh the loss computed inside the jitted value_and_grad step
-# differs from the single-device one by ~1% (2.952 vs 2.925); the same params, batch and rng give equal
-# losses through a plain jitted forward on both meshes (to 5e-7), with or without condition dropout, so the
-# gap is in the sharded autodiff program. Kept running so a fix shows up as XPASS.
-@pytest.mark.xfail(strict=False, reason="stage-2 loss differs under fsdp x tensor sharding inside "
-                   "value_and_grad (issue 6, under investigation)")
-def test_stage2_loss_sharded_equals_single_device(tmp_path, mesh1, mesh222):
+# On the 2x2x2 mesh the DiT's forward value differs when its params are sharded AND gradients flow into
+# both its params and its context (1-5%; no-grad forward matches; depth 0 matches; Shardy and GSPMD
+# both): a DiT/XLA issue reported to the lead, not a trainer one. Data parallelism alone matches.
+@pytest.mark.parametrize("shape", [
+    {"data": 8, "fsdp": 1, "tensor": 1},
+    pytest.param({"data": 2, "fsdp": 2, "tensor": 2}, marks=pytest.mark.xfail(
+        reason="DiT: sharded params + gradient into the context change the forward loss", strict=False)),
+], ids=["data8", "mesh222"])
+def test_stage2_loss_sharded_equals_single_device(shape, tmp_path, mesh1):
+  from star_jax import sharding
   cfg = _cfg("stage2", "stage2.steps=1")
   data = RandomRecords(cfg, n=8)
   losses = []
-  for mesh, sub in ((mesh1, "one"), (mesh222, "mesh222")):
+  for mesh, sub in ((mesh1, "one"), (sharding.make_mesh(shape), "sharded")):
     loop.train(cfg, build_stage(cfg, "stage2", data), str(tmp_path / sub), data, mesh=mesh, progress=False)
     losses.append(read_metrics(str(tmp_path / sub))[0]["loss"])
   np.testing.assert_allclose(losses[1], losses[0], rtol=0, atol=1e-5)
