@@ -33,6 +33,11 @@ def _say(msg: str) -> None:
   print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _safe(name: str) -> str:
+  """A record id as a file name (voice tags hold slashes: 'en-us/s160/p50')."""
+  return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
+
+
 def _test_set(cfg, split: str, limit: int | None = None) -> dict:
   """A split's fixed-length speech, audio, labels, ids and captions (deterministic crops), as numpy."""
   from star_jax.data import pipeline
@@ -194,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
   _say("training the evaluator classifier on the real training clips")
   train = _test_set(cfg, "train")
   evaluator = Evaluator(gen.sample_rate_hz).fit(train["audio"], train["labels"])
+  _say("scoring real, generated and baseline clips")
   real_emb = evaluator.embed(test["audio"])
   labels = queries["labels"]
   scores = {"real test clips": {"accuracy": event_accuracy(evaluator, queries["audio"], labels),
@@ -206,13 +212,13 @@ def run(args: argparse.Namespace) -> int:
   # 6. Files: wavs, spectrograms, report.
   wav_dir = os.path.join(out_dir, "wavs")
   for i, qid in enumerate(queries["id"]):
-    write_wav(os.path.join(wav_dir, f"{qid}.wav"), outputs["speech"][i], gen.sample_rate_hz)
-    write_wav(os.path.join(wav_dir, f"{qid}.query.wav"), speech[i], 16000)
+    write_wav(os.path.join(wav_dir, f"{_safe(qid)}.wav"), outputs["speech"][i], gen.sample_rate_hz)
+    write_wav(os.path.join(wav_dir, f"{_safe(qid)}.query.wav"), speech[i], 16000)
   png_dir = os.path.join(out_dir, "spectrograms")
   os.makedirs(png_dir, exist_ok=True)
   pngs = []
   for i in np.linspace(0, len(queries["id"]) - 1, min(args.png, len(queries["id"]))).round().astype(int):
-    path = os.path.join(png_dir, f"{queries['id'][i]}.png")
+    path = os.path.join(png_dir, f"{_safe(queries['id'][i])}.png")
     _spectrogram_png(path, queries["audio"][i], outputs["speech"][i], outputs["zero"][i], gen.sample_rate_hz,
                      f"\"{queries['caption'][i]}\" ({queries['id'][i]})")
     pngs.append(path)

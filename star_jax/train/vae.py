@@ -40,21 +40,37 @@ def fit_length(x_bt: jax.Array, length: int) -> jax.Array:
   return jnp.pad(x_bt, ((0, 0), (0, length - x_bt.shape[1])))
 
 
+def random_crop(wav_bt: jax.Array, mask_bt: jax.Array, length: int, rng: jax.Array):
+  """A window of `length` samples per example, starting inside its valid part -> (wav, mask), (B, length)."""
+  valid = mask_bt.sum(-1).astype(jnp.int32)
+  starts = jax.random.randint(rng, valid.shape, 0, jnp.maximum(valid - length, 0) + 1)
+  starts = jnp.minimum(starts, wav_bt.shape[1] - length)
+  cut = jax.vmap(lambda x, s: jax.lax.dynamic_slice(x, (s,), (length,)))
+  return cut(wav_bt, starts), cut(mask_bt, starts)
+
+
 def build(cfg, data=None) -> Stage:
   from star_jax.models.vae import OobleckVAE, posterior_kl
 
   hp = cfg.vae_stage
   vae = OobleckVAE(components.vae_config(cfg))
   windows = tuple(int(w) for w in hp.stft_windows)
+  hop = components.vae_hop(cfg)
+  # Train on short random windows (the VAE is convolutional): whole-clip steps cost crop/clip times more.
+  crop = int(round(float(hp.get("crop_s", 0.0)) * cfg.vae.sample_rate_hz / hop)) * hop
 
   def init(rng):
     return {"params": {"vae": vae.init(rng, jnp.zeros((1, 4 * components.vae_hop(cfg))))["params"]},
             "frozen": {}}
 
   def loss(params, frozen, batch, rng):
-    mask = batch["audio_mask"].astype(jnp.float32)
-    wav = batch["audio"] * mask
-    recon, mean, std = vae.apply({"params": params["vae"]}, wav, rng)
+    r_crop, r_posterior = jax.random.split(rng)
+    wav, mask = batch["audio"], batch["audio_mask"]
+    if 0 < crop < wav.shape[1]:
+      wav, mask = random_crop(wav, mask, crop, r_crop)
+    mask = mask.astype(jnp.float32)
+    wav = wav * mask
+    recon, mean, std = vae.apply({"params": params["vae"]}, wav, r_posterior)
     recon = fit_length(recon, wav.shape[1]) * mask
     stft = multi_resolution_stft_loss(recon, wav, windows)
     kl = posterior_kl(mean, std)
