@@ -123,16 +123,20 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.vae_stage = dict(lr=1e-3 if not paper else 1e-4, weight_decay=0.0, warmup_steps=50, schedule="constant",
                      steps=400 if not paper else 1_000_000, batch_size=8 if not paper else 32, grad_clip=1.0,
                      kl_weight=1e-4, stft_windows=(2048, 1024, 512, 256, 128) if paper else (512, 256, 128, 64),
-                     crop_s=0.5 if not paper else 1.5, ema_decay=0.0)
+                     crop_s=0.5 if not paper else 1.5, ema_decay=0.0, mask_padding=paper)
   c.tta = dict(lr=1e-4, weight_decay=0.01, warmup_steps=1000 if paper else 50, schedule="constant",
                steps=1000 if not paper else 400_000, batch_size=8 if not paper else 32, grad_clip=1.0,
-               text_dim=1024 if paper else 64, ema_decay=0.0, init_vae="")
+               text_dim=1024 if paper else 64, ema_decay=0.0, init_vae="", mask_padding=paper)
   c.stage1 = dict(lr=3.2e-3 if paper else 3e-3, weight_decay=1e-2, warmup_epochs=5 if paper else 1,
                   schedule="linear", max_epochs=500 if paper else 9, batch_size=512 if paper else 16,
-                  patience_epochs=20 if paper else 4, grad_clip=0.0, train_hubert=not paper, init_hubert="",
-                  eval_split="valid")
+                  patience_epochs=20 if paper else 4, train_hubert=not paper, init_hubert="", eval_split="valid",
+                  # A random HuBERT's first gradients on padded speech reach ~1e18 and would swamp Adam's moments.
+                  grad_clip=0.0 if paper else 1.0)
   c.stage2 = dict(lr=2.5e-5 if paper else 1e-3, weight_decay=0.01, warmup_steps=1000 if paper else 50,
                   schedule="constant", steps=0 if paper else 600, epochs=100 if paper else 0,
                   batch_size=16 if paper else 8, grad_clip=1.0, ema_decay=0.0, init_dit="", init_bridge="",
-                  init_vae="")
+                  init_vae="",
+                  # paper: the loss covers valid frames only (DESIGN.md §2); tiny: OpenSFX clips are shorter than
+                  # the 2-s window and their zero padding is the clip's silence, which the model must generate.
+                  mask_padding=paper)
   return c

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import signal
 import threading
@@ -138,9 +137,10 @@ def train(cfg: Any, stage: Stage, workdir: str, data: Data, *, mesh: jax.shardin
       state = stage.load_pretrained(state)
   start_step = int(jax.device_get(state.step))
   writer = MetricWriter(workdir, resume_step=start_step)
-  if start_step >= total_steps:
+  if start_step >= total_steps or meta.get("early_stopped"):
     ckpt.close()
-    return Result(step=start_step, status="done", metrics={}, best=meta.get("best"))
+    return Result(step=start_step, status="early_stopped" if meta.get("early_stopped") else "done",
+                  metrics={}, best=meta.get("best"))
 
   # --- The step: jitted with in/out shardings, state donated, compiled ahead of time once.
   step_fn = state_lib.make_train_step(stage.loss, tx, schedule, ema_decay, tc.nan_policy == "skip")
@@ -171,7 +171,7 @@ def train(cfg: Any, stage: Stage, workdir: str, data: Data, *, mesh: jax.shardin
 
   def meta_now():
     return {"best": best, "evals_since_best": evals_since_best, "skipped_steps": skipped,
-            "stage": stage.name}
+            "stage": stage.name, "early_stopped": status == "early_stopped"}
 
   def flush(step: int) -> None:
     """Bring the pending metrics to the host: NaN check, JSONL/TensorBoard row, progress bar."""

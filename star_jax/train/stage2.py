@@ -55,6 +55,8 @@ def build(cfg, data=None) -> Stage:
     feats, mask = components.speech_features(cfg, frozen["hubert"], batch)
     tokens = bridge.apply({"params": {**frozen["bridge"], **params["bridge"]}}, feats, mask)
     x0, x_mask = components.audio_latents(cfg, frozen["vae"], batch, r_latents)
+    if not hp.get("mask_padding", True):  # short clips padded with silence: generate the silence too
+      x_mask = None
     value = flow.flow_matching_loss(dit.apply, {"params": params["dit"]}, x0, tokens, r_flow,
                                     x_mask_bl=x_mask, cond_drop_prob=float(cfg.flow.cond_drop_prob))
     return value, {"flow": value}

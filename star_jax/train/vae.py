@@ -66,6 +66,8 @@ def build(cfg, data=None) -> Stage:
   def loss(params, frozen, batch, rng):
     r_crop, r_posterior = jax.random.split(rng)
     wav, mask = batch["audio"], batch["audio_mask"]
+    if not hp.get("mask_padding", True):  # padding is the clip's silence: reconstruct it too
+      mask = jnp.ones_like(mask)
     if 0 < crop < wav.shape[1]:
       wav, mask = random_crop(wav, mask, crop, r_crop)
     mask = mask.astype(jnp.float32)
