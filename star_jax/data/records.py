@@ -10,6 +10,8 @@ import glob
 import io
 import json
 import os
+import re
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -50,13 +52,54 @@ def encode_record(record: dict[str, Any]) -> bytes:
 
 
 def decode_record(data: bytes) -> dict[str, Any]:
-  """Inverse of `encode_record`: strings come back as `str`, arrays as numpy arrays."""
-  with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-    out = {}
-    for key in npz.files:
-      value = npz[key]
-      out[key] = str(value) if value.dtype.kind == "U" else value
-    return out
+  """Inverse of `encode_record`: strings come back as `str`, arrays as numpy arrays.
+
+  Reads the NPZ without `np.load`: numpy parses NPY headers with `ast.literal_eval`, and CPython 3.11's
+  AST validator keeps its recursion depth per interpreter, not per thread, so grain's reader threads
+  decoding at once fail at random with "SystemError: AST constructor recursion depth mismatch".
+  """
+  out = {}
+  with zipfile.ZipFile(io.BytesIO(data)) as zf:
+    for name in zf.namelist():
+      if not name.endswith(".npy"):
+        raise ValueError(f"NPZ member '{name}' is not an .npy array")
+      value = _read_npy(zf.read(name), name)
+      out[name[:-4]] = str(value) if value.dtype.kind == "U" else value
+  return out
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_HEADER = re.compile(
+    r"\{'descr': '(?P<descr>[<>|=]?[a-zA-Z]\d*)', 'fortran_order': (?P<fortran>True|False), "
+    r"'shape': \((?P<shape>[\d, ]*)\), \}\s*$")
+
+
+def _read_npy(raw: bytes, name: str) -> np.ndarray:
+  """One NPY file (format 1.0-3.0, simple dtypes, no pickles) -> a writable array."""
+  if raw[:6] != _NPY_MAGIC or len(raw) < 10:
+    raise ValueError(f"NPZ member '{name}' is not in NPY format")
+  major = raw[6]
+  if major == 1:
+    size, start = int.from_bytes(raw[8:10], "little"), 10
+  elif major in (2, 3):
+    size, start = int.from_bytes(raw[8:12], "little"), 12
+  else:
+    raise ValueError(f"NPZ member '{name}': unsupported NPY version {major}")
+  header = raw[start:start + size].decode("utf8" if major == 3 else "latin1")
+  m = _NPY_HEADER.match(header)
+  if m is None:
+    raise ValueError(f"NPZ member '{name}': unsupported NPY header {header.strip()[:120]!r}")
+  dtype = np.dtype(m["descr"])
+  if dtype.hasobject:
+    raise ValueError(f"NPZ member '{name}' holds Python objects, which records may not")
+  shape = tuple(int(d) for d in m["shape"].replace(" ", "").split(",") if d)
+  count = int(np.prod(shape, dtype=np.int64))
+  body = raw[start + size:]
+  if len(body) != count * dtype.itemsize:
+    raise ValueError(f"NPZ member '{name}': {len(body)} data bytes for shape {shape} of {dtype} "
+                     f"(truncated?)")
+  array = np.frombuffer(body, dtype=dtype, count=count).copy()
+  return array.reshape(shape, order="F" if m["fortran"] == "True" else "C")
 
 
 def shard_name(split: str, index: int, count: int) -> str:
