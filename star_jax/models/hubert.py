@@ -113,6 +113,16 @@ def strided_conv(x_btc: jax.Array, kernel_kcd: jax.Array, stride: int, dtype) ->
   return out
 
 
+def torch_conv_bias_init(fan_in: int):
+  """torch's Conv1d bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), which transformers' HuBERT keeps.
+
+  Not zeros: digital silence (exact zeros, common in TTS speech) then gives every conv layer a constant
+  input, and LayerNorm over a constant has a 1/sqrt(eps) gradient that compounds over the 7 layers.
+  """
+  bound = 1.0 / fan_in ** 0.5
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 class ChannelGroupNorm(nn.Module):
   """GroupNorm with one group per channel (hubert-base conv 0): statistics over time per utterance."""
 
@@ -145,8 +155,8 @@ class ConvLayer(nn.Module):
         (self.kernel_size, x_btc.shape[-1], self.features), jnp.float32)
     x = strided_conv(x_btc, kernel, self.stride, as_dtype(self.dtype))
     if self.use_bias:
-      x = x + self.param("bias", nn.with_logical_partitioning(zeros, ("conv_out",)), (self.features,),
-                         jnp.float32)
+      x = x + self.param("bias", nn.with_logical_partitioning(torch_conv_bias_init(kernel.shape[0] * kernel.shape[1]),
+                                                              ("conv_out",)), (self.features,), jnp.float32)
     if self.norm == "layer":
       x = LayerNorm(eps=1e-5, axis="conv_out", name="norm")(x)  # torch nn.LayerNorm's default eps
     elif self.norm == "group":
