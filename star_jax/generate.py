@@ -91,6 +91,7 @@ class Generator:
     self.hop = components.vae_hop(cfg)
     self._tokens = jax.jit(self._tokens_fn)
     self._decode = jax.jit(lambda p, z: self.vae.apply({"params": p}, z, method="decode"))
+    self._encode = jax.jit(lambda p, a: self.vae.apply({"params": p}, a, method="encode")[0])
 
   def _tokens_fn(self, params, speech_bt, mask_bt):
     feats, frame_mask = self.hubert.apply({"params": params["hubert"]}, speech_bt, mask_bt)
@@ -124,6 +125,13 @@ class Generator:
     if wav.shape[1] < num_samples:
       wav = np.pad(wav, ((0, 0), (0, num_samples - wav.shape[1])))
     return wav[:, :num_samples]
+
+  def reconstruct(self, audio_bt: np.ndarray) -> np.ndarray:
+    """Audio (B, T) at the VAE rate -> decode(posterior mean of encode): what the VAE alone keeps."""
+    wav = np.asarray(self._decode(self.params["vae"], self._encode(self.params["vae"], audio_bt)), np.float32)
+    if wav.shape[1] < audio_bt.shape[1]:
+      wav = np.pad(wav, ((0, 0), (0, audio_bt.shape[1] - wav.shape[1])))
+    return wav[:, :audio_bt.shape[1]]
 
   def __call__(self, speech: list[np.ndarray], seconds: float, **kw) -> np.ndarray:
     return self.sample(self.tokens(speech), seconds, **kw)

@@ -295,3 +295,21 @@ def test_convert_cli_writes_a_checkpoint(tmp_path):
   params, meta = load_params(str(tmp_path / "ckpt"))
   assert meta["kind"] == "dit" and DiTConfig(**meta["config"]) == CFG
   jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, p))
+
+
+def test_pytorch_reference_of_the_bench_computes_the_same_function():
+  # bench/generation.py times bench/torch_udit.py as its PyTorch reference: it must be the same network.
+  torch = pytest.importorskip("torch")
+  import os
+  import sys
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from bench.torch_udit import UDiT, load_from_jax
+
+  cfg = dataclasses.replace(CFG, depth=4)
+  x, t, ctx = _inputs()
+  params = _perturbed(nn.unbox(jax.jit(DiT(cfg).init)(jax.random.key(1), x, t, ctx)["params"]))
+  ours = np.asarray(_apply(params, x, t, ctx, cfg=cfg))
+  model = load_from_jax(UDiT(**dataclasses.asdict(cfg)).eval(), jax.device_get(params))
+  with torch.inference_mode():
+    ref = model(*(torch.from_numpy(np.asarray(a)) for a in (x, t, ctx))).numpy()
+  np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-5 * np.abs(ref).max())

@@ -177,3 +177,20 @@ def test_convert_cli_writes_a_loadable_checkpoint(tmp_path):
   ref = _torch_hidden(model, wav, mask)
   assert np.abs(np.asarray(hidden) - ref)[np.asarray(frame_mask)].max() <= 1e-4
   assert main(["convert", "hubert", "--from", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_fresh_init_has_moderate_gradients_on_digital_silence():
+  # TTS speech holds runs of exact zeros. With zero-initialised conv biases every conv LayerNorm then saw a
+  # constant vector and the 1/sqrt(eps) backward compounded over the layers: stage 1's first gradient
+  # norm was ~1e18. torch's bias init (which transformers keeps) leaves it O(1).
+  cfg = HubertConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=48, conv_dim=(16,) * 7,
+                     conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2), conv_bias=True,
+                     feat_extract_norm="layer", do_stable_layer_norm=True, num_conv_pos_embeddings=8,
+                     num_conv_pos_embedding_groups=4)
+  wav = 0.1 * np.random.default_rng(0).standard_normal((2, 16000)).astype(np.float32)
+  wav[:, :4000] = 0.0  # leading digital silence
+  model = Hubert(cfg)
+  params = model.init(jax.random.PRNGKey(0), wav)["params"]
+  grads = jax.grad(lambda p: jnp.mean(model.apply({"params": p}, wav)[0] ** 2))(params)
+  norm = float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads))))
+  assert np.isfinite(norm) and norm < 1e3, norm
