@@ -125,8 +125,9 @@ def _train_stage(args, name: str, workdir: str, overrides: list[str]) -> dict:
   data = RecordData(cfg)
   start = time.time()
   result = loop.train(cfg, build_stage(cfg, name, data), workdir, data)
-  _say(f"{name}: {result.status} at step {result.step} in {time.time() - start:.0f} s "
-       f"(loss {result.metrics.get('loss', float('nan')):.4f})")
+  loss = result.metrics.get("loss")
+  _say(f"{name}: {result.status} at step {result.step} in {time.time() - start:.0f} s"
+       + (f" (loss {loss:.4f})" if loss is not None else " (already trained: resumed from its workdir)"))
   return {"status": result.status, "step": result.step, "seconds": round(time.time() - start, 1),
           "loss": result.metrics.get("loss"), "best": result.best}
 
