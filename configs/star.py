@@ -127,11 +127,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.tta = dict(lr=1e-4, weight_decay=0.01, warmup_steps=1000 if paper else 50, schedule="constant",
                steps=1000 if not paper else 400_000, batch_size=8 if not paper else 32, grad_clip=1.0,
                text_dim=1024 if paper else 64, ema_decay=0.0, init_vae="", mask_padding=paper)
-  c.stage1 = dict(lr=3.2e-3 if paper else 3e-3, weight_decay=1e-2, warmup_epochs=5 if paper else 1,
-                  schedule="linear", max_epochs=500 if paper else 9, batch_size=512 if paper else 16,
-                  patience_epochs=20 if paper else 4, train_hubert=not paper, init_hubert="", eval_split="valid",
-                  # A random HuBERT's first gradients on padded speech reach ~1e18 and would swamp Adam's moments.
-                  grad_clip=0.0 if paper else 1.0)
+  # tiny: a HuBERT trained from scratch sits on the label prior (BCE ~0.093) for ~10 epochs before validation
+  # mAP climbs (measured: 0.055 at epoch 8, 0.112 at epoch 15 with a constant 1e-3; 3e-3 or 1e-2 with the
+  # linear decay never left the prior), so tiny uses a constant rate, 20 epochs and a long patience.
+  c.stage1 = dict(lr=3.2e-3 if paper else 1e-3, weight_decay=1e-2, warmup_epochs=5 if paper else 1,
+                  schedule="linear" if paper else "constant", max_epochs=500 if paper else 20,
+                  batch_size=512 if paper else 16, patience_epochs=20 if paper else 8, train_hubert=not paper,
+                  init_hubert="", eval_split="valid", grad_clip=0.0 if paper else 1.0)
   c.stage2 = dict(lr=2.5e-5 if paper else 1e-3, weight_decay=0.01, warmup_steps=1000 if paper else 50,
                   schedule="constant", steps=0 if paper else 600, epochs=100 if paper else 0,
                   batch_size=16 if paper else 8, grad_clip=1.0, ema_decay=0.0, init_dit="", init_bridge="",
