@@ -37,20 +37,12 @@ def test_three_steps(name, tmp_path, mesh1):
     assert (tmp_path / "best" / "params").is_dir()
 
 
-# Known failure on the 2x2x2 mesh: XLA's SPMD partitioning of the DiT computes a wrong value (1-5%), not
-# the trainer. Measured on the DiT alone (hidden 64, depth 2, batch 8; params sharded by the config rules):
-# - with the activation constraints active (jax.set_mesh + logical rules, as the trainer runs) the
-#   forward matches to 2e-6, but the value from jax.value_and_grad does not (1.3044 vs 1.2457);
-# - with no activation constraints even the plain forward is wrong (1.2253 vs 1.2457);
-# - without constraints, data=8, fsdp=8, tensor=8, data2 x tensor4 and fsdp2 x tensor4 all match (forward
-#   and value_and_grad); on 2x2x2 mapping `mlp` to no mesh axis makes the forward match; one Block on its
-#   own matches; the DiT needs both cross-attention and the MLP to go wrong, and the first wrong activation
-#   is in_blocks_0/mlp/proj_out (its inputs are right). Reproduction scripts: see the issue 6 note.
-@pytest.mark.parametrize("shape", [
-    {"data": 8, "fsdp": 1, "tensor": 1},
-    pytest.param({"data": 2, "fsdp": 2, "tensor": 2}, marks=pytest.mark.xfail(
-        reason="XLA SPMD partitioning of the DiT on data x fsdp x tensor gives a wrong value (see above)", strict=False)),
-], ids=["data8", "mesh222"])
+# The 2x2x2 case once failed: with kernels split over `fsdp` on their input axis while the batch was too,
+# XLA's SPMD partitioner computed a wrong DiT loss (1-5 %; scripts/repro_dit_2x2x2.py still shows it with
+# no activation constraints). Dense now gathers its kernel over `fsdp` for compute (layers.gather_fsdp,
+# ZeRO-3), which this test pins.
+@pytest.mark.parametrize("shape", [{"data": 8, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}],
+                         ids=["data8", "mesh222"])
 def test_stage2_loss_sharded_equals_single_device(shape, tmp_path, mesh1):
   from star_jax import sharding
   cfg = _cfg("stage2", "stage2.steps=1")
