@@ -32,7 +32,15 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   cfg.lock()
   for item in overrides:
     apply_override(cfg, item)
+  _check_consistent(cfg, spec)
   return cfg
+
+
+def _check_consistent(cfg: ml_collections.ConfigDict, spec: str) -> None:
+  """Values that must agree across sections (an override of one alone would fail deep inside a stage)."""
+  if "dit" in cfg and "vae" in cfg and cfg.dit.latent_channels != cfg.vae.latent_channels:
+    raise UserError(f"{spec}: dit.latent_channels={cfg.dit.latent_channels} but vae.latent_channels="
+                    f"{cfg.vae.latent_channels}: the DiT generates the VAE's latents; set both")
 
 
 def _parse_value(text: str):
