@@ -59,11 +59,15 @@ def _test_set(cfg, split: str, limit: int | None = None) -> dict:
 class Evaluator:
   """A sound-event classifier trained on real clips: log-mel statistics -> MLP (multi-label).
 
-  `embed` is its hidden layer (the space of the Fréchet distance); `top1` its most likely class.
+  `embed` is its hidden layer (the space of the Fréchet distance); `top1` its most likely class. It trains on
+  the clips and `augment_copies` degraded copies of each (gain, low-pass, noise, shift), so that it judges
+  which event a clip holds rather than how faithfully it was coded: trained on the clean clips alone it
+  scored 0.24 on real test clips low-passed at 4 kHz and 0.46 with noise at 20 dB SNR (0.97 clean); with
+  4 copies 0.92 and 0.94 (the demo reports the low-passed figure of its own evaluator).
   """
 
-  def __init__(self, rate_hz: int, seed: int = 0):
-    self.rate_hz, self.seed = rate_hz, seed
+  def __init__(self, rate_hz: int, seed: int = 0, augment_copies: int = 2):
+    self.rate_hz, self.seed, self.augment_copies = rate_hz, seed, augment_copies
 
   def features(self, wav_nt: np.ndarray) -> np.ndarray:
     import librosa
@@ -74,10 +78,13 @@ class Evaluator:
 
   def fit(self, wav_nt: np.ndarray, labels_nc: np.ndarray) -> "Evaluator":
     from sklearn.neural_network import MLPClassifier
-    x = self.features(wav_nt)
+    rng = np.random.default_rng(self.seed)
+    wavs = [wav_nt] + [degrade(wav_nt, self.rate_hz, rng) for _ in range(self.augment_copies)]
+    x = self.features(np.concatenate(wavs))
+    y = np.concatenate([labels_nc] * len(wavs)).astype(int)
     self.mean, self.std = x.mean(0), x.std(0) + 1e-6
     self.model = MLPClassifier(hidden_layer_sizes=(128,), alpha=1e-3, max_iter=600, random_state=self.seed)
-    self.model.fit((x - self.mean) / self.std, labels_nc.astype(int))
+    self.model.fit((x - self.mean) / self.std, y)
     return self
 
   def _x(self, wav_nt):
@@ -88,6 +95,22 @@ class Evaluator:
 
   def top1(self, wav_nt: np.ndarray) -> np.ndarray:
     return np.argmax(self.model.predict_proba(self._x(wav_nt)), axis=-1)
+
+
+def degrade(wav_nt: np.ndarray, rate_hz: int, rng: np.random.Generator) -> np.ndarray:
+  """A degraded copy of each clip: gain of ±6 dB; with p 0.7 a 4th-order low-pass at 1.5 kHz..0.49·rate;
+  with p 0.7 white noise at 5..40 dB SNR; a circular shift of up to ±0.25 s."""
+  import scipy.signal
+  n = len(wav_nt)
+  out = wav_nt.astype(np.float64) * 10 ** (rng.uniform(-6, 6, (n, 1)) / 20)
+  for i in np.nonzero(rng.random(n) < 0.7)[0]:
+    cutoff = rng.uniform(1500, 0.49 * rate_hz)
+    out[i] = scipy.signal.sosfilt(scipy.signal.butter(4, cutoff, fs=rate_hz, output="sos"), out[i])
+  rms = np.sqrt(np.mean(out ** 2, axis=1, keepdims=True))
+  noisy = (rng.random((n, 1)) < 0.7) * 10 ** (-rng.uniform(5, 40, (n, 1)) / 20)
+  out = out + rng.standard_normal(out.shape) * rms * noisy
+  shift = int(0.25 * rate_hz)
+  return np.stack([np.roll(x, rng.integers(-shift, shift + 1)) for x in out]).astype(np.float32)
 
 
 def event_accuracy(evaluator: Evaluator, wav_nt: np.ndarray, labels_nc: np.ndarray) -> float:
@@ -135,10 +158,13 @@ def _train_stage(args, name: str, workdir: str, overrides: list[str]) -> dict:
 def run(args: argparse.Namespace) -> int:
   import jax
 
+  from star_jax.checkpoint import save_params
+  from star_jax.cli import main as cli_main
   from star_jax.config import load_config
   from star_jax.export import export_bundle
   from star_jax.generate import Generator, write_wav
   from star_jax.metrics.scores import frechet_distance, mean_average_precision
+  from star_jax.train import components
   from star_jax.train.cli import setup_logging
 
   setup_logging()
@@ -152,7 +178,6 @@ def run(args: argparse.Namespace) -> int:
 
   # 1. The corpus (resumable: finished shards are skipped).
   if not os.path.exists(os.path.join(args.data, "report.json")):
-    from star_jax.cli import main as cli_main
     _say("building the OpenSFX corpus (espeak-ng speech for every caption)")
     rc = cli_main(["prepare", "opensfx", "--out", args.data, "--audio-rate-hz", str(cfg.vae.sample_rate_hz)])
     if rc:
@@ -163,15 +188,26 @@ def run(args: argparse.Namespace) -> int:
   stages = {}
   stages["vae"] = _train_stage(args, "vae", os.path.join(work, "vae"), [])
   stages["stage1"] = _train_stage(args, "stage1", os.path.join(work, "stage1"), [])
+  # Stage 2's frozen inputs, HuBERT frames (stage 1's best HuBERT) and VAE posteriors, computed once into the
+  # records rather than at every step: the VAE encoder was most of a stage-2 step. Reruns skip cached shards.
+  vae_params = os.path.join(work, "vae", "final")
+  if not os.path.isdir(os.path.join(vae_params, "params")):
+    save_params(vae_params, {"vae": components.load_trained(os.path.join(work, "vae"))[0]["vae"]}, cfg, kind="vae")
+  _say("caching stage 2's frozen features (HuBERT frames, VAE posteriors) in the records")
+  cache_start = time.time()
+  rc = cli_main(["prepare", "cache", "--data", args.data, "--splits", "train",
+                 "--hubert", os.path.join(work, "stage1", "best"), "--vae", vae_params])
+  if rc:
+    return rc
+  timings["cache_s"] = round(time.time() - cache_start, 1)
   stages["stage2"] = _train_stage(args, "stage2", os.path.join(work, "stage2"), [
       f"stage2.init_bridge={os.path.join(work, 'stage1')}", f"stage2.init_vae={os.path.join(work, 'vae')}"])
   bundle = export_bundle(os.path.join(work, "stage2"), os.path.join(work, "bundle"))
-  timings["training_s"] = round(time.time() - t0 - timings["corpus_s"], 1)
+  timings["training_s"] = round(time.time() - t0 - timings["corpus_s"] - timings["cache_s"], 1)
 
   # 3. Stage-1 mAP on the held-out test split beside chance (random scores).
   _say("scoring stage 1 on the test split")
-  from star_jax.train.stage import RecordData, build_stage
-  from star_jax.train import components
+  from star_jax.train.stage import RecordData
   data = RecordData(cfg)
   test = _test_set(cfg, "test")
   s1 = components.load_trained(os.path.join(work, "stage1"))[0]
@@ -194,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
     for kind, cond in (("speech", tokens), ("zero", np.zeros_like(tokens)), ("random", rand)):
       outputs[kind].append(gen.sample(cond, seconds, seed=i))
   outputs = {k: np.concatenate(v) for k, v in outputs.items()}
-  timings["generation_s"] = round(time.time() - t0 - timings["corpus_s"] - timings["training_s"], 1)
+  timings["generation_s"] = round(time.time() - t0 - sum(timings.values()), 1)
 
   # 5. Evaluator trained on the real training clips; scores of real, generated and baselines.
   _say("training the evaluator classifier on the real training clips")
@@ -205,6 +241,13 @@ def run(args: argparse.Namespace) -> int:
   labels = queries["labels"]
   scores = {"real test clips": {"accuracy": event_accuracy(evaluator, queries["audio"], labels),
                                 "fd": frechet_distance(evaluator.embed(queries["audio"]), real_emb)}}
+  # The evaluator judges events, not fidelity: the real clips low-passed at 4 kHz should still score high.
+  import scipy.signal
+  lowpassed = scipy.signal.sosfiltfilt(scipy.signal.butter(6, 4000, fs=gen.sample_rate_hz, output="sos"),
+                                       queries["audio"], axis=1).astype(np.float32)
+  scores["real test clips, low-passed at 4 kHz"] = {
+      "accuracy": event_accuracy(evaluator, lowpassed, labels),
+      "fd": frechet_distance(evaluator.embed(lowpassed), real_emb)}
   # The ceiling of generation: the same real clips through the trained VAE alone.
   recon = np.concatenate([gen.reconstruct(queries["audio"][i:i + bs]) for i in range(0, len(speech), bs)])
   scores["real clips through the VAE (ceiling)"] = {
