@@ -326,7 +326,8 @@ def _report_md(r: dict, queries: dict, pngs: list[str], out_dir: str) -> str:
   lines += [
       "", "## Stage 2: generation from spoken queries", "",
       f"Scored by an evaluator classifier (log-mel statistics -> MLP) trained on the {r['evaluator_train_clips']} "
-      "real training clips. Event accuracy: the evaluator's top class is one of the query's events. "
+      "real training clips and degraded copies of them (gain, low-pass, noise, shift), so that it judges the "
+      "event rather than the coding. Event accuracy: the evaluator's top class is one of the query's events. "
       "FD: Fréchet distance between evaluator embeddings of the clips and of the real test clips (lower is closer).",
       "", "| audio | event accuracy | FD to real |", "|---|---|---|",
       *[f"| {name} | {v['accuracy']:.3f} | {v['fd']:.2f} |" for name, v in r["generation"].items()],
