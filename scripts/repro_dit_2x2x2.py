@@ -1,4 +1,4 @@
-"""Reproduces XLA's 2x2x2-mesh miscomputation of the DiT that star-jax works around (layers.gather_fsdp).
+"""Reproduces XLA's 2x2x2-mesh miscomputation of the DiT that star-jax works around (sharding.gather_fsdp).
 
   python scripts/repro_dit_2x2x2.py [--constraints] [--rule mlp=None] [--mesh data=2,fsdp=2,tensor=2]
 

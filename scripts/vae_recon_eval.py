@@ -31,6 +31,7 @@ def main():
   from star_jax.models.vae import OobleckVAE
   from star_jax.train import components, loop
   from star_jax.train.stage import RecordData, build_stage
+  from star_jax.train.vae import fit_length
 
   cfg = load_config(args.config, [f"data.path={args.data}", *args.overrides])
   data = RecordData(cfg)
@@ -40,12 +41,11 @@ def main():
 
   vae = OobleckVAE(components.vae_config(cfg))
   params = components.load_trained(args.workdir)[0]["vae"]
-  recon_fn = jax.jit(lambda p, x: vae.apply({"params": p}, x, None)[0])
+  recon_fn = jax.jit(lambda p, x: fit_length(vae.apply({"params": p}, x, None)[0], x.shape[1]))
   queries = demo._test_set(cfg, "test", args.queries)
   audio, labels = queries["audio"], queries["labels"]
   recon = np.concatenate([np.asarray(recon_fn(params, jnp.asarray(audio[i:i + 16])))
                           for i in range(0, len(audio), 16)])
-  recon = np.pad(recon, ((0, 0), (0, max(0, audio.shape[1] - recon.shape[1]))))[:, :audio.shape[1]]
   train = demo._test_set(cfg, "train")
   evaluator = demo.Evaluator(cfg.vae.sample_rate_hz).fit(train["audio"], train["labels"])
   real_emb = evaluator.embed(audio)

@@ -157,8 +157,8 @@ def _train_stage(args, name: str, workdir: str, overrides: list[str]) -> dict:
 
 def run(args: argparse.Namespace) -> int:
   import jax
+  import scipy.signal
 
-  from star_jax.checkpoint import save_params
   from star_jax.cli import main as cli_main
   from star_jax.config import load_config
   from star_jax.export import export_bundle
@@ -190,13 +190,10 @@ def run(args: argparse.Namespace) -> int:
   stages["stage1"] = _train_stage(args, "stage1", os.path.join(work, "stage1"), [])
   # Stage 2's frozen inputs, HuBERT frames (stage 1's best HuBERT) and VAE posteriors, computed once into the
   # records rather than at every step: the VAE encoder was most of a stage-2 step. Reruns skip cached shards.
-  vae_params = os.path.join(work, "vae", "final")
-  if not os.path.isdir(os.path.join(vae_params, "params")):
-    save_params(vae_params, {"vae": components.load_trained(os.path.join(work, "vae"))[0]["vae"]}, cfg, kind="vae")
   _say("caching stage 2's frozen features (HuBERT frames, VAE posteriors) in the records")
   cache_start = time.time()
   rc = cli_main(["prepare", "cache", "--data", args.data, "--splits", "train",
-                 "--hubert", os.path.join(work, "stage1", "best"), "--vae", vae_params])
+                 "--hubert", os.path.join(work, "stage1"), "--vae", os.path.join(work, "vae")])
   if rc:
     return rc
   timings["cache_s"] = round(time.time() - cache_start, 1)
@@ -242,7 +239,6 @@ def run(args: argparse.Namespace) -> int:
   scores = {"real test clips": {"accuracy": event_accuracy(evaluator, queries["audio"], labels),
                                 "fd": frechet_distance(evaluator.embed(queries["audio"]), real_emb)}}
   # The evaluator judges events, not fidelity: the real clips low-passed at 4 kHz should still score high.
-  import scipy.signal
   lowpassed = scipy.signal.sosfiltfilt(scipy.signal.butter(6, 4000, fs=gen.sample_rate_hz, output="sos"),
                                        queries["audio"], axis=1).astype(np.float32)
   scores["real test clips, low-passed at 4 kHz"] = {

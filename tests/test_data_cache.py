@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from star_jax import cli
-from star_jax.checkpoint import save_params
+from star_jax.checkpoint import TrainCheckpointer, save_params
 from star_jax.data import audio as audio_lib
 from star_jax.data import cache, pipeline, records
 from star_jax.models.hubert import Hubert, HubertConfig, frame_lengths
@@ -181,6 +181,14 @@ def test_rerun_is_a_noop_and_an_interrupted_recache_resumes(setup, capsys, monke
                                                  "frozen": {"hubert": setup["hubert_p"]}},
                       {"hubert": dataclasses.asdict(HUBERT_CFG), "seed": 0}, kind="stage1")
   assert cli.main(["prepare", "cache", "--data", data, "--hubert", stage, "--no-progress"]) == 0
+  assert "0 of 2 shards written now" in capsys.readouterr().out
+  # A train workdir with no best/ (the vae stage's, as `make demo` passes it): its latest checkpoint.
+  workdir = tmp_path / "vae_stage"
+  ckptr = TrainCheckpointer(str(workdir / "checkpoints"))
+  ckptr.save(7, {"params": {"vae": setup["vae_p"]}, "frozen": {}}, meta={"stage": "vae"})
+  ckptr.wait()
+  (workdir / "config.json").write_text(json.dumps({"vae": dataclasses.asdict(VAE_CFG), "seed": 0}))
+  assert cli.main(["prepare", "cache", "--data", data, "--vae", str(workdir), "--no-progress"]) == 0
   assert "0 of 2 shards written now" in capsys.readouterr().out
   assert [os.stat(p).st_mtime_ns for p in shards] == before
 

@@ -123,3 +123,17 @@ def test_batch_size_check(mesh222):
   sharding.check_batch_size(8, mesh222)
   with pytest.raises(UserError, match="not divisible by the data axes"):
     sharding.check_batch_size(6, mesh222)
+
+
+def test_gather_fsdp_drops_only_fsdp_for_compute():
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  rules = sharding.logical_rules([("embed", "fsdp"), ("mlp", "tensor"), ("heads", ("fsdp", "tensor"))])
+  kernel = jax.device_put(np.arange(64.0).reshape(8, 8), jax.NamedSharding(mesh, P("fsdp", "tensor")))
+  assert sharding.gather_fsdp(kernel, ("embed", "mlp")) is kernel  # no mesh in context: untouched
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    out = jax.jit(lambda k: sharding.gather_fsdp(k, ("embed", "mlp")) * 1.0)(kernel)
+    heads = jax.jit(lambda k: sharding.gather_fsdp(k, ("heads", None)) * 1.0)(kernel)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(kernel))
+  np.testing.assert_array_equal(np.asarray(heads), np.asarray(kernel))
+  assert out.sharding.spec == P(None, "tensor")  # gathered over fsdp, still split over tensor
+  assert heads.sharding.spec == P("tensor")

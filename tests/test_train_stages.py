@@ -39,7 +39,7 @@ def test_three_steps(name, tmp_path, mesh1):
 
 # The 2x2x2 case once failed: with kernels split over `fsdp` on their input axis while the batch was too,
 # XLA's SPMD partitioner computed a wrong DiT loss (1-5 %; scripts/repro_dit_2x2x2.py still shows it with
-# no activation constraints). Dense now gathers its kernel over `fsdp` for compute (layers.gather_fsdp,
+# no activation constraints). Dense now gathers its kernel over `fsdp` for compute (sharding.gather_fsdp,
 # ZeRO-3), which this test pins.
 @pytest.mark.parametrize("shape", [{"data": 8, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}],
                          ids=["data8", "mesh222"])

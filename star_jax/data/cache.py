@@ -81,29 +81,25 @@ def vae_reach(cfg) -> int:
 
 
 def _load_component(directory: str, name: str, config_cls):
-  """A `save_params` directory: a converted component (`star-jax convert NAME`) or a train stage's (whose
-  config holds a section NAME and whose params hold NAME under params/frozen/ema) -> (config, params)."""
-  from star_jax.checkpoint import load_params
+  """A converted component (`star-jax convert NAME`), a stage's `best/`, or a train workdir (its `best/`, else
+  its latest checkpoint), whose config is NAME's or holds a section NAME -> (config, params of NAME)."""
+  from star_jax.train.components import load_trained, trained_config
 
-  tree, meta = load_params(directory)
-  config = meta.get("config")
+  parts, kind = load_trained(directory)
+  config = trained_config(directory)
   if not isinstance(config, dict):
     raise UserError(f"{directory}: config.json holds no model config; write the checkpoint with "
                     f"`star-jax convert {name}` or a train stage")
   if isinstance(config.get(name), dict):
     config = config[name]
-  if isinstance(tree, dict) and "params" in tree and set(tree) <= {"params", "frozen", "ema"}:
-    merged: dict = {}
-    for part in ("frozen", "params", "ema"):  # an EMA, when kept, replaces the params
-      merged.update(tree.get(part) or {})
-    tree = merged
-  if isinstance(tree, dict) and name in tree:
-    tree = tree[name]
   fields = {f.name for f in dataclasses.fields(config_cls)}
   unknown = sorted(set(config) - fields)
   if unknown:
     raise UserError(f"{directory}: config fields {unknown} are not {config_cls.__name__} fields; is this a "
-                    f"{name} checkpoint (kind '{meta.get('kind', '')}')?")
+                    f"{name} checkpoint (kind '{kind}')?")
+  tree = parts[name] if name in parts else parts.get(kind, {})
+  if isinstance(tree, dict) and name in tree:  # a bundle (star-jax export) holds every component by name
+    tree = tree[name]
   return config_cls(**config), tree
 
 

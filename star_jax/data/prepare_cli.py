@@ -84,8 +84,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   c = sub.add_parser("cache", help="add cached HuBERT features and VAE posteriors to a prepared dataset")
   c.add_argument("--data", required=True, help="dataset directory written by `star-jax prepare` (changed in place)")
   c.add_argument("--hubert", default=None,
-                 help="HuBERT params checkpoint (star-jax convert hubert, or a stage's best/)")
-  c.add_argument("--vae", default=None, help="VAE params checkpoint (star-jax convert vae, or the vae stage's best/)")
+                 help="HuBERT params checkpoint (star-jax convert hubert), or the workdir of a stage that holds one")
+  c.add_argument("--vae", default=None, help="VAE params checkpoint (star-jax convert vae), or the workdir of a stage that holds one")
   c.add_argument("--splits", default=None, help="comma-separated splits (default: all in info.json)")
   c.add_argument("--batch-size", type=_positive(int), default=8, help="clips per forward pass")
   c.add_argument("--dtype", choices=("float32", "float16"), default="float32",

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from star_jax import sharding
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -52,7 +54,7 @@ class Dense(nn.Module):
     kernel = self.param(
         "kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
         (x.shape[-1], self.features), jnp.float32)
-    y = mp_matmul(x, gather_fsdp(kernel, self.axes), self.dtype)
+    y = mp_matmul(x, sharding.gather_fsdp(kernel, self.axes), self.dtype)
     if self.use_bias:
       bias = self.param(
           "bias", nn.with_logical_partitioning(self.bias_init, (self.axes[1],)),
@@ -101,28 +103,6 @@ def attention(q_bqhd: jax.Array, k_bkhd: jax.Array, v_bkhd: jax.Array,
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Logical sharding constraint on an activation (a no-op outside a mesh / rules context)."""
   return nn.with_logical_constraint(x, tuple(names))
-
-
-FSDP_AXIS = "fsdp"
-
-
-def gather_fsdp(param: jax.Array, names: Sequence[str | None]) -> jax.Array:
-  """A param as compute uses it under FSDP (ZeRO-3): gathered over the `fsdp` mesh axis, still split over
-  the others (tensor parallelism). Storage, gradients and optimizer state stay split over `fsdp`; the
-  gradient of this constraint is the reduce-scatter back. A no-op outside a mesh / rules context.
-
-  Leaving the choice to XLA is not only slower to reason about: on a data x fsdp x tensor mesh its SPMD
-  partitioner computed a wrong DiT loss when a kernel was split over `fsdp` on its input axis while the
-  batch was too (tests/test_train_stages.py::test_stage2_loss_sharded_equals_single_device).
-  """
-  rules = nn.get_logical_axis_rules()
-  if not rules or jax.sharding.get_abstract_mesh().empty:
-    return param
-  spec = []
-  for axes in nn.logical_to_mesh_axes(tuple(names), rules):
-    kept = tuple(a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())) if a != FSDP_AXIS)
-    spec.append(None if not kept else kept[0] if len(kept) == 1 else kept)
-  return jax.lax.with_sharding_constraint(param, jax.sharding.PartitionSpec(*spec))
 
 
 # π split so that n·_PI_HI is exact in f32 for |n| < 2^16 (Cody-Waite range reduction).

@@ -7,6 +7,7 @@ Every stage names its sub-trees by component — `hubert`, `bridge`, `classifier
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Any
@@ -92,9 +93,7 @@ def load_trained(path: str) -> tuple[dict, str]:
 
   Train states merge `params` and `frozen`; an EMA of the params, when kept, replaces them.
   """
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "best", "params")):
-    path = os.path.join(path, "best")
+  path = _resolve(path)
   if os.path.isdir(os.path.join(path, "params")):
     tree, meta = checkpoint.load_params(path)
     kind = meta.get("kind", "")
@@ -107,6 +106,25 @@ def load_trained(path: str) -> tuple[dict, str]:
     return _merge(state), meta.get("stage", "")
   raise UserError(f"'{path}' is neither a star-jax train workdir (no checkpoints/ or best/) nor a params "
                   f"checkpoint; give the workdir of the stage that trained it")
+
+
+def trained_config(path: str) -> dict | None:
+  """The config saved with what `load_trained(path)` reads (a params checkpoint's `config`, or the config.json
+  a train workdir holds), as a dict; None when there is none."""
+  path = _resolve(path)
+  meta_path = os.path.join(path, "config.json")
+  if not os.path.isfile(meta_path):
+    return None
+  with open(meta_path) as f:
+    meta = json.load(f)
+  return meta.get("config") if os.path.isdir(os.path.join(path, "params")) else meta
+
+
+def _resolve(path: str) -> str:
+  """A workdir with a `best/` -> that `best/`; anything else as given (absolute)."""
+  path = os.path.abspath(path)
+  best = os.path.join(path, "best")
+  return best if os.path.isdir(os.path.join(best, "params")) else path
 
 
 def _merge(state: dict) -> dict:
