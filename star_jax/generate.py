@@ -98,8 +98,14 @@ class Generator:
     return self.bridge.apply({"params": params["bridge"]}, feats, frame_mask)
 
   def tokens(self, speech: list[np.ndarray]):
-    """Speech waveforms at 16 kHz -> bridge tokens (B, Q, D); lengths padded to whole seconds."""
-    length = SPEECH_RATE_HZ * math.ceil(max(len(s) for s in speech) / SPEECH_RATE_HZ)
+    """Speech waveforms at 16 kHz -> bridge tokens (B, Q, D).
+
+    Padded to the training speech window (`data.speech_duration_s`), or to whole seconds when longer: with
+    hubert-base's feature norm (GroupNorm over time, tiny config) the padding is part of the statistics, as
+    in transformers, so inference pads as training did.
+    """
+    train_len = int(round(float(self.cfg.data.get("speech_duration_s", 0.0)) * SPEECH_RATE_HZ))
+    length = max(train_len, SPEECH_RATE_HZ * math.ceil(max(len(s) for s in speech) / SPEECH_RATE_HZ))
     batch = np.zeros((len(speech), length), np.float32)
     mask = np.zeros((len(speech), length), bool)
     for i, s in enumerate(speech):

@@ -147,6 +147,17 @@ def test_classifier_is_mean_over_tokens_then_linear():
     Classifier(num_classes=0).init(jax.random.key(1), tokens)
 
 
+def test_classifier_prior_init_starts_every_class_at_the_prior():
+  tokens = jax.random.normal(jax.random.key(0), (3, 4, 8))
+  head = Classifier(num_classes=5, prior_prob=0.02)
+  params = head.init(jax.random.key(1), tokens)["params"]
+  np.testing.assert_allclose(jax.nn.sigmoid(nn.unbox(params)["projection"]["bias"]), 0.02, rtol=1e-5)
+  # The kernel is the usual random init: the logits still depend on the tokens.
+  assert float(jnp.std(head.apply({"params": params}, tokens))) > 0
+  with pytest.raises(ValueError, match="prior_prob"):
+    Classifier(num_classes=5, prior_prob=1.0).init(jax.random.key(1), tokens)
+
+
 def _tiny_speech_stack():
   c = load_config("configs/star.py:tiny")
   return Hubert(HubertConfig(**c.hubert.to_dict())), QFormer(QFormerConfig(**c.qformer.to_dict()))

@@ -11,7 +11,7 @@ from tests.train_standin import RandomRecords
 
 # The tiny config made smaller still (fewer layers and blocks: compile time dominates these tests).
 SMALL = ["data.speech_duration_s=0.5", "data.audio_duration_s=0.32", "train.log_every_steps=1",
-         "train.checkpoint_every_steps=100", "hubert.num_layers=1", "hubert.conv_dim=(16,16,16,16,16,16,16)",
+         "train.checkpoint_every_steps=100", "hubert.num_layers=1", "hubert.conv_dim=(16,16)",
          "dit.depth=2", "vae.channel_multiples=(1,2)", "vae.downsampling_ratios=(16,20)", "qformer.num_layers=1"]
 
 

@@ -8,8 +8,9 @@ Fields added (README "Data"):
                             a fresh sample mean + std·ε per element (DESIGN.md §2: encoding samples the posterior),
                             so training sees what online encoding gives, not one sample frozen for every epoch.
 Forward passes are batched over a few padded lengths (one compile each). Padding is exact for HuBERT (the frame
-mask stops it) except for GroupNorm feature extractors (hubert-base: conv 0 statistics span the padding, as
-in any padded batch). The VAE encodes each clip followed by at least `vae_reach` zero samples: its frames are
+mask stops it) except for GroupNorm feature extractors (hubert-base, the tiny config: conv 0 statistics span the
+padding, as in transformers), whose utterances are padded to at least the speech window they were trained on
+(`data.speech_duration_s` of the checkpoint's config), as the training pipeline and `generate` pad them. The VAE encodes each clip followed by at least `vae_reach` zero samples: its frames are
 those of an encoder that sees silence after the clip, whatever the bucket (the last few frames differ from an
 unpadded encode, whose every conv pads with zeros instead).
 A shard is rewritten atomically and its sidecar then records each field's settings (a digest of the params,
@@ -54,6 +55,7 @@ class FrozenModel:
   checkpoint: str                   # where the params came from (recorded in info.json)
   settings: dict                    # what the cached values depend on: params digest, model config
   dim: int
+  min_length: int = 0               # every clip is padded to at least this many samples
 
   @property
   def frame_rate_hz(self) -> float | int:
@@ -141,12 +143,19 @@ def load_hubert(directory: str, compute_dtype: str = "float32") -> FrozenModel:
   def forward(p, wave_bt, mask_bt):
     return (module.apply({"params": p}, wave_bt, mask_bt)[0],)
 
+  min_length = 0
+  if cfg.feat_extract_norm == "group":  # conv 0's statistics span the padding: pad as training did
+    from star_jax.train import components
+    seconds = float(((components.trained_config(directory) or {}).get("data") or {}).get("speech_duration_s") or 0)
+    quantum = math.prod(cfg.conv_stride)
+    min_length = -(-int(round(seconds * HUBERT_RATE_HZ)) // quantum) * quantum
   return FrozenModel(
       field="hubert", outputs=("hubert",), source="speech", rate_hz=HUBERT_RATE_HZ,
-      quantum=math.prod(cfg.conv_stride), margin=0,
+      quantum=math.prod(cfg.conv_stride), margin=0, min_length=min_length,
       num_frames=lambda n: int(frame_lengths(cfg, np.int64(n))), forward=jax.jit(forward),
       params=jax.device_put(params), checkpoint=directory,
-      settings=dict(params_sha256=digest, config=dataclasses.asdict(cfg)), dim=cfg.hidden_size)
+      settings=dict(params_sha256=digest, config=dataclasses.asdict(cfg), min_length=min_length),
+      dim=cfg.hidden_size)
 
 
 def load_vae(directory: str, compute_dtype: str = "float32") -> FrozenModel:
@@ -179,7 +188,8 @@ def encode_waves(model: FrozenModel, waves: Sequence[np.ndarray], batch_size: in
   """Clips at model.rate_hz -> per clip a tuple of (num_frames(n), D) f32 arrays, batched by padded length."""
   buckets: dict[int, list[int]] = {}
   for i in sorted(range(len(waves)), key=lambda i: len(waves[i])):
-    buckets.setdefault(bucket_length(len(waves[i]) + model.margin, model.quantum), []).append(i)
+    length = max(bucket_length(len(waves[i]) + model.margin, model.quantum), model.min_length)
+    buckets.setdefault(length, []).append(i)
   results: list[Any] = [None] * len(waves)
 
   def collect(idx, outs):

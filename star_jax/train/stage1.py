@@ -22,7 +22,8 @@ def build(cfg, data=None) -> Stage:
   hp = cfg.stage1
   hubert = Hubert(components.hubert_config(cfg))
   bridge = components.bridge_module(cfg)
-  head = Classifier(components.num_classes(cfg, data), dtype=cfg.qformer.dtype)
+  head = Classifier(components.num_classes(cfg, data), dtype=cfg.qformer.dtype,
+                    prior_prob=float(cfg.classifier.get("prior_prob", 0.0)))
   train_hubert = bool(hp.train_hubert)
 
   def init(rng):
