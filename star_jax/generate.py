@@ -127,6 +127,7 @@ class Generator:
                           num_steps=int(steps or f.num_steps),
                           cfg_scale=float(f.cfg_scale if cfg_scale is None else cfg_scale),
                           sway_coef=float(f.sway_coef if sway is None else sway))
+    latents = latents / float(f.get("latent_scale", 1.0))  # the DiT's space -> the VAE's (config flow.latent_scale)
     wav = np.asarray(self._decode(self.params["vae"], latents), np.float32)
     if wav.shape[1] < num_samples:
       wav = np.pad(wav, ((0, 0), (0, num_samples - wav.shape[1])))

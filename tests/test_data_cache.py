@@ -238,3 +238,28 @@ def test_bad_arguments_are_one_line_errors(setup, tmp_path, capsys):
   wrong = save_params(str(tmp_path / "wrong"), setup["hubert_p"], HUBERT_CFG, kind="hubert")
   assert cli.main(["prepare", "cache", "--data", data, "--vae", wrong]) == 2
   assert "not VAEConfig fields" in capsys.readouterr().err
+
+
+def test_groupnorm_hubert_is_cached_padded_to_its_training_window(tmp_path):
+  """hubert-base's GroupNorm spans the padding (as in transformers): the cache pads each utterance to the speech
+  window of the checkpoint's training config, as the pipeline and `generate` do, so stage 2 sees those features."""
+  cfg = dataclasses.replace(HUBERT_CFG, feat_extract_norm="group", conv_dim=(8, 8), conv_kernel=(10, 8),
+                            conv_stride=(5, 8))
+  params = _random_params(Hubert(cfg), 4000, 2)
+  full = {"hubert": dataclasses.asdict(cfg), "data": {"speech_duration_s": 1.5}}
+  model = cache.load_hubert(save_params(str(tmp_path / "stage1"), {"hubert": params}, full, kind="stage1"))
+  assert model.min_length == 24000 and model.settings["min_length"] == 24000
+  wave = np.random.default_rng(3).uniform(-0.5, 0.5, 5100).astype(np.float32)
+  (got,), = cache.encode_waves(model, [wave], batch_size=2)
+  padded, mask = np.zeros((1, 24000), np.float32), np.zeros((1, 24000), np.float32)
+  padded[0, :5100], mask[0, :5100] = wave, 1
+  want = np.asarray(Hubert(cfg).apply({"params": params}, padded, mask)[0])[0, :len(got)]
+  assert len(got) == int(frame_lengths(cfg, np.int64(5100)))
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  # Padded only to its bucket, the same utterance gives other features: the window matters.
+  short = dataclasses.replace(model, min_length=0)
+  (other,), = cache.encode_waves(short, [wave], batch_size=2)
+  assert np.abs(other - got).max() > 1e-3
+  # A converted checkpoint (no training config) pads to its bucket only.
+  plain = cache.load_hubert(save_params(str(tmp_path / "converted"), params, cfg, kind="hubert"))
+  assert plain.min_length == 0

@@ -74,7 +74,7 @@ def build(cfg, data=None) -> Stage:
     wav = wav * mask
     recon, mean, std = vae.apply({"params": params["vae"]}, wav, r_posterior)
     recon = fit_length(recon, wav.shape[1]) * mask
-    stft = multi_resolution_stft_loss(recon, wav, windows)
+    stft = multi_resolution_stft_loss(recon, wav, windows, eps=float(hp.get("log_mag_eps", 1e-5)))
     kl = posterior_kl(mean, std)
     return stft + float(hp.kl_weight) * kl, {"stft": stft, "kl": kl}
 
