@@ -76,3 +76,31 @@ def test_generate_bad_input_exits_2(case, bundle, tmp_path, capsys):
   err = capsys.readouterr().err
   assert code == 2 and "in.wav" in err and "Traceback" not in err
   assert len(err.strip().splitlines()) == 1
+
+
+def test_generator_pads_speech_to_the_training_window_and_undoes_the_latent_scale(bundle, tmp_path):
+  import jax.numpy as jnp
+
+  from star_jax import flow
+  from star_jax.generate import Generator
+
+  gen = Generator(bundle)
+  assert gen.cfg.hubert.feat_extract_norm == "group"  # the tiny front end: GroupNorm statistics span padding
+  speech = np.random.default_rng(0).uniform(-0.3, 0.3, 16000).astype(np.float32)
+  window = int(gen.cfg.data.speech_duration_s * RATE)
+  padded, mask = np.zeros((1, window), np.float32), np.zeros((1, window), bool)
+  padded[0, :16000], mask[0, :16000] = speech, True
+  tokens = np.asarray(gen.tokens([speech]))
+  np.testing.assert_allclose(tokens, np.asarray(gen._tokens(gen.params, padded, mask)), atol=1e-5)
+  one_second = np.asarray(gen._tokens(gen.params, padded[:, :16000], mask[:, :16000]))
+  assert np.abs(one_second - tokens).max() > 1e-4  # the window matters, so padding as training did matters
+
+  f = gen.cfg.flow
+  scale = float(f.latent_scale)
+  assert scale != 1.0
+  wav = gen.sample(tokens, 0.4, seed=3)
+  noise = jax.random.normal(jax.random.PRNGKey(3), (1, wav.shape[1] // gen.hop, int(gen.cfg.vae.latent_channels)))
+  latents = flow.sample(gen.dit.apply, {"params": gen.params["dit"]}, noise, tokens, num_steps=int(f.num_steps),
+                        cfg_scale=float(f.cfg_scale), sway_coef=float(f.sway_coef))
+  want = np.asarray(gen._decode(gen.params["vae"], jnp.asarray(latents) / scale))[:, :wav.shape[1]]
+  np.testing.assert_allclose(wav[:, :want.shape[1]], want, atol=1e-5)  # `sample` zero-pads a short decode
