@@ -138,7 +138,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # did not help at 400).
   c.vae_stage = dict(lr=1e-3 if not paper else 1e-4, weight_decay=0.0, warmup_steps=50, schedule="constant",
                      steps=700 if not paper else 1_000_000, batch_size=8 if not paper else 32, grad_clip=1.0,
-                     kl_weight=1e-4, log_mag_eps=1e-5, stft_windows=(2048, 1024, 512, 256, 128) if paper else (512, 256, 128, 64),
+                     kl_weight=1e-4, log_mag_eps=1e-5,
+                     stft_windows=(2048, 1024, 512, 256, 128) if paper else (512, 256, 128, 64),
                      crop_s=0.5 if not paper else 1.5, ema_decay=0.0, mask_padding=paper)
   c.tta = dict(lr=1e-4, weight_decay=0.01, warmup_steps=1000 if paper else 50, schedule="constant",
                steps=1000 if not paper else 400_000, batch_size=8 if not paper else 32, grad_clip=1.0,

@@ -98,14 +98,13 @@ class Generator:
     return self.bridge.apply({"params": params["bridge"]}, feats, frame_mask)
 
   def tokens(self, speech: list[np.ndarray]):
-    """Speech waveforms at 16 kHz -> bridge tokens (B, Q, D).
+    """Speech waveforms at 16 kHz -> bridge tokens (B, Q, D); padded to whole seconds, and for a GroupNorm
+    front end (tiny) to at least the training window, as training padded it (`hubert.min_input_length`)."""
+    from star_jax.models.hubert import min_input_length
 
-    Padded to the training speech window (`data.speech_duration_s`), or to whole seconds when longer: with
-    hubert-base's feature norm (GroupNorm over time, tiny config) the padding is part of the statistics, as
-    in transformers, so inference pads as training did.
-    """
-    train_len = int(round(float(self.cfg.data.get("speech_duration_s", 0.0)) * SPEECH_RATE_HZ))
-    length = max(train_len, SPEECH_RATE_HZ * math.ceil(max(len(s) for s in speech) / SPEECH_RATE_HZ))
+    window = round(float(self.cfg.data.get("speech_duration_s", 0.0)) * SPEECH_RATE_HZ)
+    length = max(min_input_length(self.hubert.cfg, window),
+                 SPEECH_RATE_HZ * math.ceil(max(len(s) for s in speech) / SPEECH_RATE_HZ))
     batch = np.zeros((len(speech), length), np.float32)
     mask = np.zeros((len(speech), length), bool)
     for i, s in enumerate(speech):
@@ -118,6 +117,7 @@ class Generator:
     import jax
 
     from star_jax import flow
+    from star_jax.train import components
 
     f = self.cfg.flow
     num_samples = int(round(seconds * self.sample_rate_hz))
@@ -127,7 +127,7 @@ class Generator:
                           num_steps=int(steps or f.num_steps),
                           cfg_scale=float(f.cfg_scale if cfg_scale is None else cfg_scale),
                           sway_coef=float(f.sway_coef if sway is None else sway))
-    latents = latents / float(f.get("latent_scale", 1.0))  # the DiT's space -> the VAE's (config flow.latent_scale)
+    latents = latents / components.latent_scale(self.cfg)  # the DiT's space -> the VAE's
     wav = np.asarray(self._decode(self.params["vae"], latents), np.float32)
     if wav.shape[1] < num_samples:
       wav = np.pad(wav, ((0, 0), (0, num_samples - wav.shape[1])))

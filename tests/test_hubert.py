@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from star_jax.convert import hubert as convert
-from star_jax.models.hubert import Hubert, HubertConfig, frame_lengths, strided_conv
+from star_jax.models.hubert import Hubert, HubertConfig, frame_lengths, min_input_length, strided_conv
 
 LENGTHS = (4000, 3100, 2345)  # three utterances of different lengths, right-padded
 
@@ -194,3 +194,13 @@ def test_fresh_init_has_moderate_gradients_on_digital_silence():
   grads = jax.grad(lambda p: jnp.mean(model.apply({"params": p}, wav)[0] ** 2))(params)
   norm = float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads))))
   assert np.isfinite(norm) and norm < 1e3, norm
+
+
+def test_min_input_length_pads_only_groupnorm_front_ends():
+  group = HubertConfig(hidden_size=16, num_heads=2, intermediate_size=32, conv_dim=(8, 8), conv_kernel=(10, 8),
+                       conv_stride=(5, 4), feat_extract_norm="group", num_conv_pos_embedding_groups=4)
+  assert min_input_length(group, 1005) == 1020 and min_input_length(group, 1000) == 1000  # whole 20-sample frames
+  assert min_input_length(group, 0) == 0
+  layer = HubertConfig(hidden_size=16, num_heads=2, intermediate_size=32, conv_dim=(8, 8), conv_kernel=(10, 8),
+                       conv_stride=(5, 4), feat_extract_norm="layer", num_conv_pos_embedding_groups=4)
+  assert min_input_length(layer, 1005) == 0  # the frame mask makes padding exact: no need to pad

@@ -10,7 +10,8 @@ Fields added (README "Data"):
 Forward passes are batched over a few padded lengths (one compile each). Padding is exact for HuBERT (the frame
 mask stops it) except for GroupNorm feature extractors (hubert-base, the tiny config: conv 0 statistics span the
 padding, as in transformers), whose utterances are padded to at least the speech window they were trained on
-(`data.speech_duration_s` of the checkpoint's config), as the training pipeline and `generate` pad them. The VAE encodes each clip followed by at least `vae_reach` zero samples: its frames are
+(`data.speech_duration_s` of the checkpoint's config; `hubert.min_input_length`), as the training pipeline and
+`generate` pad them. The VAE encodes each clip followed by at least `vae_reach` zero samples: its frames are
 those of an encoder that sees silence after the clip, whatever the bucket (the last few frames differ from an
 unpadded encode, whose every conv pads with zeros instead).
 A shard is rewritten atomically and its sidecar then records each field's settings (a digest of the params,
@@ -84,7 +85,8 @@ def vae_reach(cfg) -> int:
 
 def _load_component(directory: str, name: str, config_cls):
   """A converted component (`star-jax convert NAME`), a stage's `best/`, or a train workdir (its `best/`, else
-  its latest checkpoint), whose config is NAME's or holds a section NAME -> (config, params of NAME)."""
+  its latest checkpoint), whose config is NAME's or holds a section NAME -> (config, params of NAME, the whole
+  saved config as a dict)."""
   from star_jax.train.components import load_trained, trained_config
 
   parts, kind = load_trained(directory)
@@ -92,6 +94,7 @@ def _load_component(directory: str, name: str, config_cls):
   if not isinstance(config, dict):
     raise UserError(f"{directory}: config.json holds no model config; write the checkpoint with "
                     f"`star-jax convert {name}` or a train stage")
+  saved = config
   if isinstance(config.get(name), dict):
     config = config[name]
   fields = {f.name for f in dataclasses.fields(config_cls)}
@@ -102,7 +105,7 @@ def _load_component(directory: str, name: str, config_cls):
   tree = parts[name] if name in parts else parts.get(kind, {})
   if isinstance(tree, dict) and name in tree:  # a bundle (star-jax export) holds every component by name
     tree = tree[name]
-  return config_cls(**config), tree
+  return config_cls(**config), tree, saved
 
 
 def _check_params(directory: str, params, init) -> str:
@@ -131,10 +134,10 @@ def load_hubert(directory: str, compute_dtype: str = "float32") -> FrozenModel:
   """A HuBERT checkpoint -> FrozenModel writing `hubert` (last_hidden_state over the valid frames)."""
   import jax
 
-  from star_jax.models.hubert import Hubert, HubertConfig, frame_lengths
+  from star_jax.models.hubert import Hubert, HubertConfig, frame_lengths, min_input_length
 
   directory = os.path.abspath(directory)
-  cfg, params = _load_component(directory, "hubert", HubertConfig)
+  cfg, params, saved = _load_component(directory, "hubert", HubertConfig)
   cfg = dataclasses.replace(cfg, dtype=compute_dtype)
   module = Hubert(cfg)
   digest = _check_params(directory, params,
@@ -143,12 +146,8 @@ def load_hubert(directory: str, compute_dtype: str = "float32") -> FrozenModel:
   def forward(p, wave_bt, mask_bt):
     return (module.apply({"params": p}, wave_bt, mask_bt)[0],)
 
-  min_length = 0
-  if cfg.feat_extract_norm == "group":  # conv 0's statistics span the padding: pad as training did
-    from star_jax.train import components
-    seconds = float(((components.trained_config(directory) or {}).get("data") or {}).get("speech_duration_s") or 0)
-    quantum = math.prod(cfg.conv_stride)
-    min_length = -(-int(round(seconds * HUBERT_RATE_HZ)) // quantum) * quantum
+  window_s = float((saved.get("data") or {}).get("speech_duration_s") or 0)  # a train stage's; 0 if converted
+  min_length = min_input_length(cfg, round(window_s * HUBERT_RATE_HZ))
   return FrozenModel(
       field="hubert", outputs=("hubert",), source="speech", rate_hz=HUBERT_RATE_HZ,
       quantum=math.prod(cfg.conv_stride), margin=0, min_length=min_length,
@@ -165,7 +164,7 @@ def load_vae(directory: str, compute_dtype: str = "float32") -> FrozenModel:
   from star_jax.models.vae import OobleckVAE, VAEConfig, hop_length, latent_length
 
   directory = os.path.abspath(directory)
-  cfg, params = _load_component(directory, "vae", VAEConfig)
+  cfg, params, _ = _load_component(directory, "vae", VAEConfig)
   cfg = dataclasses.replace(cfg, dtype=compute_dtype)
   if cfg.audio_channels != 1:
     raise UserError(f"{directory}: a {cfg.audio_channels}-channel VAE; records hold mono audio")

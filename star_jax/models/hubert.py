@@ -13,6 +13,7 @@ XLA CPU runs faster than its bf16 convolution (see `strided_conv`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -74,6 +75,16 @@ def frame_lengths(cfg: HubertConfig, sample_lengths: jax.Array) -> jax.Array:
   for k, s in zip(cfg.conv_kernel, cfg.conv_stride):
     n = (n - k) // s + 1
   return jnp.maximum(n, 0)
+
+
+def min_input_length(cfg: HubertConfig, window_samples: int) -> int:
+  """Samples an utterance is padded to at least: its training window rounded up to whole frames when conv 0
+  has GroupNorm (statistics over time include the padding, as in transformers), else 0 (the frame mask makes
+  any padding exact)."""
+  if cfg.feat_extract_norm != "group":
+    return 0
+  hop = math.prod(cfg.conv_stride)
+  return -(-int(window_samples) // hop) * hop
 
 
 def normalize_waveform(waveform_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:

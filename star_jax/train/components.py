@@ -74,15 +74,23 @@ def latent_mask(cfg, audio_mask_bt: jax.Array, num_frames: int) -> jax.Array:
   return audio_mask_bt[:, ::hop][:, :num_frames].astype(bool)
 
 
+def latent_scale(cfg) -> float:
+  """`flow.latent_scale`: the flow stages' x0 is the VAE latent times this; `generate` divides it back out."""
+  return float(cfg.flow.get("latent_scale", 1.0))
+
+
 def audio_latents(cfg, vae_params, batch: dict, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Cached latents when the batch has them, else a posterior sample of the VAE encoder (DESIGN.md §2:
-  encoding samples the posterior; no scale or shift) -> (B, L, C), (B, L)."""
+  """Flow-matching targets x0: cached latents when the batch has them, else a posterior sample of the VAE
+  encoder (DESIGN.md §2: encoding samples the posterior; no shift), times `latent_scale(cfg)` -> (B, L, C),
+  (B, L)."""
   from star_jax.models.vae import OobleckVAE
   if "latents" in batch:
-    return batch["latents"], batch["latents_mask"]
-  mean, std = OobleckVAE(vae_config(cfg)).apply({"params": vae_params}, batch["audio"], method="encode")
-  z = mean + std * jax.random.normal(rng, mean.shape)
-  return jax.lax.stop_gradient(z), latent_mask(cfg, batch["audio_mask"], z.shape[1])
+    z, mask = batch["latents"], batch["latents_mask"]
+  else:
+    mean, std = OobleckVAE(vae_config(cfg)).apply({"params": vae_params}, batch["audio"], method="encode")
+    z = jax.lax.stop_gradient(mean + std * jax.random.normal(rng, mean.shape))
+    mask = latent_mask(cfg, batch["audio_mask"], z.shape[1])
+  return z * latent_scale(cfg), mask
 
 
 # --- Loading trained or converted parts.

@@ -55,7 +55,6 @@ def build(cfg, data=None) -> Stage:
     feats, mask = components.speech_features(cfg, frozen["hubert"], batch)
     tokens = bridge.apply({"params": {**frozen["bridge"], **params["bridge"]}}, feats, mask)
     x0, x_mask = components.audio_latents(cfg, frozen["vae"], batch, r_latents)
-    x0 = x0 * float(cfg.flow.get("latent_scale", 1.0))
     if not hp.get("mask_padding", True):  # short clips padded with silence: generate the silence too
       x_mask = None
     value = flow.flow_matching_loss(dit.apply, {"params": params["dit"]}, x0, tokens, r_flow,
