@@ -28,13 +28,15 @@ def masked_mse(pred_bld: jax.Array, target_bld: jax.Array, x_mask_bl: jax.Array 
 
 def flow_matching_loss(velocity_fn: VelocityFn, variables: Any, x0_bld: jax.Array, context_bsd: jax.Array,
                        rng: jax.Array, context_mask_bs: jax.Array | None = None,
-                       x_mask_bl: jax.Array | None = None, cond_drop_prob: float = 0.0) -> jax.Array:
-  """Flow-matching loss of one batch: σ ~ logit-normal(0, 1), target ε − x0, condition replaced by
-  zeros with probability `cond_drop_prob` per example (classifier-free guidance training) -> scalar."""
+                       x_mask_bl: jax.Array | None = None, cond_drop_prob: float = 0.0,
+                       sigma_mean: float = 0.0) -> jax.Array:
+  """Flow-matching loss of one batch: σ ~ logit-normal(sigma_mean, 1) (the paper: mean 0; a positive mean
+  trains more at high noise, where the condition decides), target ε − x0, condition replaced by zeros with
+  probability `cond_drop_prob` per example (classifier-free guidance training) -> scalar."""
   k_sigma, k_noise, k_drop = jax.random.split(rng, 3)
   b = x0_bld.shape[0]
   x0 = x0_bld.astype(jnp.float32)
-  sigma_b = jax.nn.sigmoid(jax.random.normal(k_sigma, (b,)))
+  sigma_b = jax.nn.sigmoid(sigma_mean + jax.random.normal(k_sigma, (b,)))
   eps = jax.random.normal(k_noise, x0.shape)
   s = sigma_b[:, None, None]
   x_sigma = (1.0 - s) * x0 + s * eps

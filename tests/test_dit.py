@@ -313,3 +313,35 @@ def test_pytorch_reference_of_the_bench_computes_the_same_function():
   with torch.inference_mode():
     ref = model(*(torch.from_numpy(np.asarray(a)) for a in (x, t, ctx))).numpy()
   np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+
+
+def test_pooled_context_is_ezaudio_cls_embed_of_the_masked_context_mean():
+  """pooled_context: cls_embed(masked mean of the context) joins the time embedding before its SiLU. It starts
+  at zero (the same outputs as without it), padding tokens cannot move it, and the converter maps
+  EzAudio's `cls_embed.{0,2}` to it."""
+  cfg = dataclasses.replace(CFG, pooled_context=True)
+  x, t, ctx = _inputs()
+  p = nn.unbox(jax.jit(DiT(cfg).init)(jax.random.key(1), x, t, ctx)["params"])
+  assert not np.any(np.asarray(p["cls_embed_2"]["kernel"]))
+  plain = {k: v for k, v in p.items() if not k.startswith("cls_embed")}
+  np.testing.assert_array_equal(_apply(p, x, t, ctx, cfg=cfg), _apply(plain, x, t, ctx))
+  q = _perturbed(p)
+  mask = jnp.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], bool)
+  out = _apply(q, x, t, ctx, context_mask_bs=mask, cfg=cfg)
+  np.testing.assert_allclose(_apply(q, x, t, jnp.where(mask[..., None], ctx, 50.0), context_mask_bs=mask, cfg=cfg),
+                             out, atol=1e-5)
+  # The pooled path alone carries the condition: with cross-attention silenced, the context still matters.
+  silent = jax.tree_util.tree_map_with_path(
+      lambda path, v: v * 0 if "cross_attn" in jax.tree_util.keystr(path) and "proj" in jax.tree_util.keystr(path)
+      else v, q)
+  assert np.abs(_apply(silent, x, t, ctx * 2.0, cfg=cfg) - _apply(silent, x, t, ctx, cfg=cfg)).max() > 1e-3
+  # ...through the mean only: other tokens with the same mean give the same output.
+  same_mean = ctx + jnp.array([1.0, -1.0, 2.0, -2.0, 0.0])[None, :, None]
+  np.testing.assert_allclose(_apply(silent, x, t, same_mean, cfg=cfg), _apply(silent, x, t, ctx, cfg=cfg), atol=1e-5)
+  sd = to_ezaudio_state_dict({k: v for k, v in q.items() if not k.startswith("cls_embed")})
+  for ours, theirs in (("cls_embed_1", "cls_embed.0"), ("cls_embed_2", "cls_embed.2")):
+    sd[f"model.{theirs}.weight"] = np.asarray(q[ours]["kernel"]).T
+    sd[f"model.{theirs}.bias"] = np.asarray(q[ours]["bias"])
+  got_cfg, got = from_ezaudio_state_dict(sd, lora_alpha=CFG.lora_alpha)
+  assert got_cfg == cfg
+  np.testing.assert_allclose(_apply(got, x, t, ctx, cfg=got_cfg), _apply(q, x, t, ctx, cfg=cfg), atol=1e-5)

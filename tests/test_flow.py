@@ -105,3 +105,14 @@ def test_tiny_dit_trains_and_samples():
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grad))
   out = flow.sample(fn, params, x0, ctx, num_steps=3, cfg_scale=5.0)
   assert out.shape == x0.shape and np.isfinite(np.asarray(out)).all()
+
+
+def test_sigma_mean_shifts_the_logit_normal_noise_levels():
+  seen = []
+  spy = lambda v, x, t, c, cm, xm: (jax.debug.callback(lambda a: seen.append(np.asarray(a)), t), x)[1]
+  x0, ctx = jnp.zeros((4096, 2, 1)), jnp.ones((4096, 1, 1))
+  for mean in (0.0, 1.0):
+    flow.flow_matching_loss(spy, None, x0, ctx, jax.random.key(6), sigma_mean=mean)
+  logits = [np.log(s / 1000.0) - np.log1p(-s / 1000.0) for s in seen]
+  assert abs(logits[0].mean()) < 0.05 and abs(logits[1].mean() - 1.0) < 0.05
+  assert all(abs(lg.std() - 1.0) < 0.05 for lg in logits)

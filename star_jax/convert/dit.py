@@ -44,7 +44,9 @@ def infer_config(sd: Mapping[str, np.ndarray], prefix: str, lora_alpha: float | 
       num_heads=d // head_dim, mlp_ratio=g("mid_block.mlp.net.2.weight")[1] // d,
       context_dim=g("context_embed.0.weight")[1], lora_rank=rank,
       lora_alpha=float(rank if lora_alpha is None else lora_alpha),
-      time_freq_dim=g("time_embed.mlp.0.weight")[1])
+      time_freq_dim=g("time_embed.mlp.0.weight")[1],
+      # EzAudio's optional cls_embed; star-jax feeds it the masked mean of the context tokens.
+      pooled_context=prefix + "cls_embed.0.weight" in sd)
   fields.update(overrides)
   return DiTConfig(**fields)
 
@@ -105,6 +107,8 @@ def from_ezaudio_state_dict(state_dict: Mapping[str, np.ndarray], prefix: str | 
       "time_embed_1": linear("time_embed.mlp.0"), "time_embed_2": linear("time_embed.mlp.2"),
       "time_ada": linear("time_ada"), "time_ada_final": linear("time_ada_final"),
       "context_embed_1": linear("context_embed.0"), "context_embed_2": linear("context_embed.2"),
+      **({"cls_embed_1": linear("cls_embed.0"), "cls_embed_2": linear("cls_embed.2")} if cfg.pooled_context
+         else {}),
       "mid_block": block("mid_block", False),
       "final_norm": norm("final_block.norm"), "final_linear": linear("final_block.linear"),
       # torch Conv1d (out, in, k) -> (k, in, out)

@@ -39,6 +39,10 @@ class DiTConfig:
   lora_alpha: float = 32.0  # AdaLN-SOLA low-rank scale = alpha / rank (EzAudio: alpha = rank)
   time_freq_dim: int = 256
   layer_norm_eps: float = 1e-5  # torch nn.LayerNorm default, used by every EzAudio norm
+  # EzAudio's `cls_embed`: Linear -> SiLU -> Linear (last one zero-initialised) of a pooled condition,
+  # added to the time embedding, so the condition also drives every block's AdaLN modulation. STAR's and
+  # EzAudio's released DiTs have none (False); here the pooled condition is the masked mean of the context.
+  pooled_context: bool = False
   remat: str = "none"  # a key of REMAT_POLICIES, applied per block
   dtype: str = "float32"  # matmul input dtype; params, norms, softmax and the residual stay f32
 
@@ -187,6 +191,8 @@ class DiT(nn.Module):
     temb = timestep_embedding(t_b, cfg.time_freq_dim)
     temb = Dense(d, (None, "embed"), dtype=dtype, name="time_embed_1")(temb)
     temb = Dense(d, ("embed", "mlp"), dtype=dtype, name="time_embed_2")(jax.nn.silu(temb))
+    if cfg.pooled_context:
+      temb = temb + self.pooled_context_embedding(context_bsd, context_mask_bs)
     temb = jax.nn.silu(temb)
     time_ada = Dense(6 * d, ("embed", "mlp"), dtype=dtype, kernel_init=zeros, name="time_ada")(temb)
     time_ada_final = Dense(2 * d, ("embed", "mlp"), dtype=dtype, kernel_init=zeros,
@@ -213,6 +219,19 @@ class DiT(nn.Module):
       # the identity on unpadded batches.
       x = jnp.where(x_mask_bl[..., None].astype(bool), x, 0.0)
     return FinalConv(cfg.dtype, name="final_conv")(x)
+
+  def pooled_context_embedding(self, context_bsd, context_mask_bs):
+    """EzAudio cls_embed of the masked mean of the context tokens: (B, S, Dc) -> (B, D)."""
+    dtype = as_dtype(self.cfg.dtype)
+    d = self.cfg.hidden_size
+    ctx = context_bsd.astype(jnp.float32)
+    if context_mask_bs is None:
+      pooled = ctx.mean(axis=1)
+    else:
+      w = context_mask_bs.astype(jnp.float32)[..., None]
+      pooled = (ctx * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.0)
+    h = Dense(d, (None, "embed"), dtype=dtype, name="cls_embed_1")(pooled)
+    return Dense(d, ("embed", "mlp"), dtype=dtype, kernel_init=zeros, name="cls_embed_2")(jax.nn.silu(h))
 
 
 class FinalConv(nn.Module):
