@@ -57,7 +57,7 @@ def main():
     eps = jax.random.normal(key, x0_b.shape)
     rows = []
     for s in SIGMAS:
-      xs, t = (1 - s) * x0_b + s * eps, jnp.full((x0_b.shape[0],), 1000.0 * s)
+      xs, t = (1 - s) * x0_b + s * eps, jnp.full((x0_b.shape[0],), flow.T_SCALE * s)
       rows.append(jnp.stack([jnp.mean((dit(xs, t, c) - (eps - x0_b)) ** 2)
                              for c in (c_b, jnp.zeros_like(c_b), jnp.roll(c_b, 7, 0))]))
     return jnp.stack(rows)

@@ -343,7 +343,7 @@ def _report_md(r: dict, queries: dict, pngs: list[str], out_dir: str) -> str:
       "", "The second accuracy column is an evaluator trained on the same clips and also on the VAE's "
       "reconstructions of them: it judges the event as the VAE renders it (every generated clip is a VAE decode).",
       "", "| audio | event accuracy | event accuracy, VAE-aware evaluator | FD to real |", "|---|---|---|---|",
-      *[f"| {name} | {v['accuracy']:.3f} | {v.get('accuracy_vae_aware', float('nan')):.3f} | {v['fd']:.2f} |"
+      *[f"| {name} | {v['accuracy']:.3f} | {v['accuracy_vae_aware']:.3f} | {v['fd']:.2f} |"
         for name, v in r["generation"].items()],
       "", "The baselines are the same model and sampler with the bridge tokens replaced by zeros or by "
       "Gaussian noise of the same mean and scale, so the gap to them is what the spoken query contributes. "

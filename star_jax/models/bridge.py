@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from star_jax.models.layers import Dense, LayerNorm, as_dtype, attention, constrain
+from star_jax.models.layers import Dense, LayerNorm, as_dtype, attention, constrain, masked_mean
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,15 +112,6 @@ class QFormer(nn.Module):
     if cfg.output_size:
       x = Dense(cfg.output_size, ("embed", "mlp"), dtype=as_dtype(cfg.dtype), name="projection")(x)
     return x
-
-
-def masked_mean(x_btd: jax.Array, mask_bt: jax.Array | None) -> jax.Array:
-  """Mean over time of the valid frames: (B, T, D) -> (B, D) f32."""
-  x_btd = x_btd.astype(jnp.float32)
-  if mask_bt is None:
-    return x_btd.mean(1)
-  m = mask_bt.astype(jnp.float32)[..., None]
-  return (x_btd * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
 
 
 class MLPBridge(nn.Module):

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from star_jax.models.layers import Dense, LayerNorm, as_dtype, attention, constrain, zeros
+from star_jax.models.layers import Dense, LayerNorm, as_dtype, attention, constrain, masked_mean, zeros
 
 REMAT_POLICIES = {
     "none": None,
@@ -224,13 +224,7 @@ class DiT(nn.Module):
     """EzAudio cls_embed of the masked mean of the context tokens: (B, S, Dc) -> (B, D)."""
     dtype = as_dtype(self.cfg.dtype)
     d = self.cfg.hidden_size
-    ctx = context_bsd.astype(jnp.float32)
-    if context_mask_bs is None:
-      pooled = ctx.mean(axis=1)
-    else:
-      w = context_mask_bs.astype(jnp.float32)[..., None]
-      pooled = (ctx * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.0)
-    h = Dense(d, (None, "embed"), dtype=dtype, name="cls_embed_1")(pooled)
+    h = Dense(d, (None, "embed"), dtype=dtype, name="cls_embed_1")(masked_mean(context_bsd, context_mask_bs))
     return Dense(d, ("embed", "mlp"), dtype=dtype, kernel_init=zeros, name="cls_embed_2")(jax.nn.silu(h))
 
 

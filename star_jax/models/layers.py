@@ -140,3 +140,12 @@ class SnakeBeta(nn.Module):
     beta = jnp.exp(self.param("beta", nn.with_logical_partitioning(zeros, (self.axis,)), (c,), jnp.float32))
     x = x.astype(jnp.float32)
     return x + (1.0 / (beta + 1e-9)) * sin_squared(alpha * x)
+
+
+def masked_mean(x_btd: jax.Array, mask_bt: jax.Array | None) -> jax.Array:
+  """Mean over time of the valid frames: (B, T, D) -> (B, D) f32."""
+  x_btd = x_btd.astype(jnp.float32)
+  if mask_bt is None:
+    return x_btd.mean(1)
+  m = mask_bt.astype(jnp.float32)[..., None]
+  return (x_btd * m).sum(1) / jnp.maximum(m.sum(1), 1.0)

@@ -79,6 +79,11 @@ def latent_scale(cfg) -> float:
   return float(cfg.flow.get("latent_scale", 1.0))
 
 
+def flow_loss_options(cfg) -> dict:
+  """The `flow` section's training options of `flow.flow_matching_loss` (tta and stage 2)."""
+  return dict(cond_drop_prob=float(cfg.flow.cond_drop_prob), sigma_mean=float(cfg.flow.get("sigma_mean", 0.0)))
+
+
 def audio_latents(cfg, vae_params, batch: dict, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Flow-matching targets x0: cached latents when the batch has them, else a posterior sample of the VAE
   encoder (DESIGN.md §2: encoding samples the posterior; no shift), times `latent_scale(cfg)` -> (B, L, C),

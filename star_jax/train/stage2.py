@@ -58,8 +58,7 @@ def build(cfg, data=None) -> Stage:
     if not hp.get("mask_padding", True):  # short clips padded with silence: generate the silence too
       x_mask = None
     value = flow.flow_matching_loss(dit.apply, {"params": params["dit"]}, x0, tokens, r_flow,
-                                    x_mask_bl=x_mask, cond_drop_prob=float(cfg.flow.cond_drop_prob),
-                                    sigma_mean=float(cfg.flow.get("sigma_mean", 0.0)))
+                                    x_mask_bl=x_mask, **components.flow_loss_options(cfg))
     return value, {"flow": value}
 
   def load_pretrained(state):

@@ -37,8 +37,7 @@ def build(cfg, data=None) -> Stage:
       x_mask = None
     value = flow.flow_matching_loss(dit.apply, {"params": params["dit"]}, x0, batch["text_emb"], r_flow,
                                     context_mask_bs=batch["text_mask"], x_mask_bl=x_mask,
-                                    cond_drop_prob=float(cfg.flow.cond_drop_prob),
-                                    sigma_mean=float(cfg.flow.get("sigma_mean", 0.0)))
+                                    **components.flow_loss_options(cfg))
     return value, {"flow": value}
 
   def load_pretrained(state):
