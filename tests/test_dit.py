@@ -12,7 +12,7 @@ import pytest
 from star_jax import sharding
 from star_jax.convert.dit import from_ezaudio_state_dict
 from star_jax.errors import UserError
-from star_jax.models.dit import DiT, DiTConfig, rope, timestep_embedding
+from star_jax.models.dit import DiT, DiTConfig, rope, sinusoidal_positions, timestep_embedding
 
 CFG = DiTConfig(latent_channels=6, hidden_size=32, depth=2, num_heads=4, mlp_ratio=2, context_dim=10,
                 lora_rank=3, lora_alpha=6.0)
@@ -345,3 +345,64 @@ def test_pooled_context_is_ezaudio_cls_embed_of_the_masked_context_mean():
   got_cfg, got = from_ezaudio_state_dict(sd, lora_alpha=CFG.lora_alpha)
   assert got_cfg == cfg
   np.testing.assert_allclose(_apply(got, x, t, ctx, cfg=got_cfg), _apply(q, x, t, ctx, cfg=cfg), atol=1e-5)
+
+
+def test_patch_size_groups_frames_into_tokens_around_a_frame_rate_final_conv():
+  """patch_size p: the UDiT core runs on tokens of p frames (the same network as a p = 1 UDiT on p·C channels
+  with the frames regrouped), the final Linear's p·C outputs go back to frames, and the final conv runs at the
+  frame rate. Lengths need not divide by p, and masked frames cannot reach valid ones."""
+  p2 = dataclasses.replace(CFG, patch_size=2)
+  core = dataclasses.replace(CFG, latent_channels=2 * CFG.latent_channels)
+  x, t, ctx = _inputs()
+  x = x[:, :8]
+  q = _perturbed(nn.unbox(jax.jit(DiT(p2).init)(jax.random.key(1), x, t, ctx)["params"]))
+  c = CFG.latent_channels
+  identity = np.zeros((3, 2 * c, 2 * c), np.float32)
+  identity[1] = np.eye(2 * c)
+  q_core = {**q, "final_conv": {"kernel": jnp.asarray(identity), "bias": jnp.zeros(2 * c)}}
+  tokens = _apply(q_core, x.reshape(B, 4, 2 * c), t, ctx, cfg=core).reshape(B, 8, c)
+  want = jax.lax.conv_general_dilated(tokens, q["final_conv"]["kernel"], (1,), [(1, 1)],
+                                      dimension_numbers=("NWC", "WIO", "NWC")) + q["final_conv"]["bias"]
+  np.testing.assert_allclose(_apply(q, x, t, ctx, cfg=p2), want, atol=1e-5)
+
+  x9, _, _ = _inputs()  # L = 9: the last token is half padding
+  out = _apply(q, x9, t, ctx, cfg=p2)
+  assert out.shape == x9.shape
+  x_mask = jnp.arange(L)[None] < jnp.array([L, 5])[:, None]  # the second clip ends inside token 2
+  out = _apply(q, x9, t, ctx, x_mask_bl=x_mask, cfg=p2)
+  garbage = jnp.where(x_mask[..., None], x9, 100.0)
+  out2 = _apply(q, garbage, t, ctx, x_mask_bl=x_mask, cfg=p2)
+  np.testing.assert_allclose(out2[0], out[0], atol=1e-5)
+  np.testing.assert_allclose(out2[1, :5], out[1, :5], atol=1e-5)
+  with pytest.raises(ValueError, match="patch_size"):
+    DiTConfig(patch_size=0)
+
+
+def test_converter_rejects_patch_size_above_one():
+  sd = to_ezaudio_state_dict(_perturbed(_init()))
+  w = sd["model.patch_embed.proj.weight"]
+  sd["model.patch_embed.proj.weight"] = np.concatenate([w, w], axis=2)
+  with pytest.raises(UserError, match="patch_size"):
+    from_ezaudio_state_dict(sd, lora_alpha=CFG.lora_alpha)
+
+
+def test_sinusoidal_abs_pe_lets_a_constant_input_vary_over_time():
+  """abs_pe "sinusoidal" (EzAudio's PE_wrapper "sinu"): sin(p·w_i) on even and cos(p·w_i) on odd channels,
+  w_i = 10000^(-2i/D), added after the patch embedding. RoPE alone sees only offsets: the same input at every
+  frame gives the same output at every frame the final conv's padding cannot reach; with the table it varies."""
+  table = np.asarray(sinusoidal_positions(7, 6))
+  pos, i = np.arange(7)[:, None], np.arange(3)[None]
+  w = 10000.0 ** (-2 * i / 6)
+  np.testing.assert_allclose(table[:, 0::2], np.sin(pos * w), atol=1e-6)
+  np.testing.assert_allclose(table[:, 1::2], np.cos(pos * w), atol=1e-6)
+
+  x, t, ctx = _inputs()
+  constant = jnp.broadcast_to(x[:, :1], x.shape)
+  p = _perturbed(_init())
+  inner = np.asarray(_apply(p, constant, t, ctx))[:, 1:-1]
+  np.testing.assert_allclose(inner, np.broadcast_to(inner[:, :1], inner.shape), atol=1e-5)
+  cfg = dataclasses.replace(CFG, abs_pe="sinusoidal")
+  inner = np.asarray(_apply(p, constant, t, ctx, cfg=cfg))[:, 1:-1]  # no new params: the same tree applies
+  assert np.abs(inner - inner[:, :1]).max() > 1e-2
+  with pytest.raises(ValueError, match="abs_pe"):
+    DiTConfig(abs_pe="learned")

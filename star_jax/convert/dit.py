@@ -136,6 +136,9 @@ def _mask_embed(sd: Mapping[str, np.ndarray], prefix: str, used: set[str]) -> np
 
 def _patch_embed(w: np.ndarray, b: np.ndarray, channels: int, mask_embed: np.ndarray | None) -> dict:
   """Conv1d(k=1) input projection -> Dense; folds MaskDiT's 2C+1 channel input down to C."""
+  if w.shape[2] != 1:
+    raise UserError(f"patch_embed is a Conv1d with kernel {w.shape[2]} (patch_size > 1); the converter maps "
+                    f"patch_size 1, the size of every released EzAudio and STAR DiT")
   w = w[:, :, 0]
   if w.shape[1] == channels:
     return {"kernel": w.T, "bias": b}

@@ -43,6 +43,14 @@ class DiTConfig:
   # added to the time embedding, so the condition also drives every block's AdaLN modulation. STAR's and
   # EzAudio's released DiTs have none (False); here the pooled condition is the masked mean of the context.
   pooled_context: bool = False
+  # EzAudio UDiT's `patch_size` for 1-d input: p consecutive latent frames form one token (a Conv1d(C, D, k=p,
+  # stride=p) patch embedding; the final Linear emits p frames per token), so attention and the MLPs run on L/p
+  # tokens. STAR's and EzAudio's released DiTs use 1.
+  patch_size: int = 1
+  # EzAudio UDiT's absolute position embedding of the tokens after the patch embedding (its `PE_wrapper`):
+  # "none" (STAR's and EzAudio's released DiTs: RoPE alone) or "sinusoidal" (sin on even, cos on odd
+  # channels). RoPE only sees offsets, so without it the DiT cannot place a sound at a time from noise alone.
+  abs_pe: str = "none"
   remat: str = "none"  # a key of REMAT_POLICIES, applied per block
   dtype: str = "float32"  # matmul input dtype; params, norms, softmax and the residual stay f32
 
@@ -52,6 +60,10 @@ class DiTConfig:
     if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
       raise ValueError(f"dit.hidden_size {self.hidden_size} must split into {self.num_heads} heads of "
                        f"even size")
+    if self.patch_size < 1:
+      raise ValueError(f"dit.patch_size must be >= 1, got {self.patch_size}")
+    if self.abs_pe not in ("none", "sinusoidal"):
+      raise ValueError(f"dit.abs_pe '{self.abs_pe}' is not one of ('none', 'sinusoidal')")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"dit.remat '{self.remat}' is not one of {sorted(REMAT_POLICIES)}")
 
@@ -62,6 +74,13 @@ def timestep_embedding(t_b: jax.Array, dim: int, max_period: float = 10000.0) ->
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
   args = t_b.astype(jnp.float32)[:, None] * freqs[None]
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def sinusoidal_positions(length: int, dim: int) -> jax.Array:
+  """(L, D) absolute position table: sin(p·w_i) at channel 2i, cos(p·w_i) at 2i + 1, w_i = 10000^(-2i/D)."""
+  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+  angles = jnp.arange(length, dtype=jnp.float32)[:, None] * freqs[None]
+  return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(length, -1)[:, :dim]
 
 
 def rope(x_blhd: jax.Array, base: float = 10000.0) -> jax.Array:
@@ -181,10 +200,13 @@ class DiT(nn.Module):
     cfg = self.cfg
     dtype = as_dtype(cfg.dtype)
     d = cfg.hidden_size
-    b = x_bld.shape[0]
+    b, length = x_bld.shape[:2]
     t_b = jnp.broadcast_to(jnp.asarray(t_b, jnp.float32), (b,))
 
-    x = Dense(d, (None, "embed"), dtype=dtype, name="patch_embed")(x_bld)
+    x_tokens, token_mask = patchify(x_bld, x_mask_bl, cfg.patch_size)
+    x = Dense(d, (None, "embed"), dtype=dtype, name="patch_embed")(x_tokens)
+    if cfg.abs_pe == "sinusoidal":
+      x = x + sinusoidal_positions(x.shape[1], d)[None]
     x = constrain(x, ("batch", "length", "embed"))
 
     # Time: sinusoid -> Linear -> SiLU -> Linear, then one SiLU shared by every consumer (EzAudio time_act).
@@ -205,15 +227,16 @@ class DiT(nn.Module):
     args = (temb, time_ada, ctx)
     skips = []
     for i in range(cfg.depth // 2):
-      x = block(cfg, False, name=f"in_blocks_{i}")(x, *args, None, x_mask_bl, context_mask_bs)
+      x = block(cfg, False, name=f"in_blocks_{i}")(x, *args, None, token_mask, context_mask_bs)
       skips.append(x)
-    x = block(cfg, False, name="mid_block")(x, *args, None, x_mask_bl, context_mask_bs)
+    x = block(cfg, False, name="mid_block")(x, *args, None, token_mask, context_mask_bs)
     for i in range(cfg.depth // 2):
-      x = block(cfg, True, name=f"out_blocks_{i}")(x, *args, skips.pop(), x_mask_bl, context_mask_bs)
+      x = block(cfg, True, name=f"out_blocks_{i}")(x, *args, skips.pop(), token_mask, context_mask_bs)
 
     shift, scale = time_ada_final[:, :d], time_ada_final[:, d:]
     x = modulate(LayerNorm(cfg.layer_norm_eps, name="final_norm")(x), shift, scale)
-    x = Dense(cfg.latent_channels, ("embed", None), dtype=dtype, name="final_linear")(x)
+    x = Dense(cfg.patch_size * cfg.latent_channels, ("embed", None), dtype=dtype, name="final_linear")(x)
+    x = x.reshape(b, -1, cfg.latent_channels)[:, :length]  # tokens -> frames (unpatchify), padding dropped
     if x_mask_bl is not None:
       # Padded frames would leak into valid ones through the k3 conv; EzAudio never pads, so this is
       # the identity on unpadded batches.
@@ -226,6 +249,22 @@ class DiT(nn.Module):
     d = self.cfg.hidden_size
     h = Dense(d, (None, "embed"), dtype=dtype, name="cls_embed_1")(masked_mean(context_bsd, context_mask_bs))
     return Dense(d, ("embed", "mlp"), dtype=dtype, kernel_init=zeros, name="cls_embed_2")(jax.nn.silu(h))
+
+
+def patchify(x_blc: jax.Array, x_mask_bl: jax.Array | None, p: int):
+  """(B, L, C) frames -> (B, ceil(L/p), p·C) tokens of p consecutive frames (frame-major; the end zero-padded),
+  and the token mask (a token is valid when any of its frames is; masked frames enter as zeros) or None."""
+  if p == 1:
+    return x_blc, x_mask_bl
+  b, length, c = x_blc.shape
+  pad = -length % p
+  if x_mask_bl is not None:
+    x_blc = jnp.where(x_mask_bl[..., None].astype(bool), x_blc, 0.0).astype(x_blc.dtype)
+  x = jnp.pad(x_blc, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, p * c)
+  if x_mask_bl is None:
+    return x, None
+  mask = jnp.pad(x_mask_bl.astype(bool), ((0, 0), (0, pad))).reshape(b, -1, p).any(-1)
+  return x, mask
 
 
 class FinalConv(nn.Module):
