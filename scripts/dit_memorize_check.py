@@ -10,7 +10,6 @@ VAEs. A DiT that cannot place K = 4 clips will not generate 63 classes.
 """
 
 import argparse
-import dataclasses
 import time
 
 import numpy as np
@@ -34,30 +33,25 @@ def main():
 
   from star_jax import flow
   from star_jax.config import load_config
+  from star_jax.demo import split_arrays
   from star_jax.models.dit import DiT
   from star_jax.train import components
-  from star_jax.train.stage import RecordData
 
   cfg = load_config(args.config, [f"data.path={args.data}", *args.set])
-  cfg.data.sample_latents = False
-  chosen, classes = [], set()
-  for batch in RecordData(cfg).iterator("train", batch_size=32, shuffle=False, num_epochs=1, seed=0,
-                                        drop_remainder=False):
-    if "latents" not in batch:
-      raise SystemExit(f"{args.data}: no cached latents in the train records; run `star-jax prepare cache`")
-    for lat, lab in zip(np.asarray(batch["latents"]), np.asarray(batch["labels"])):
-      c = int(lab.argmax())
-      if lab.sum() == 1 and c not in classes and len(chosen) < args.clips:
-        classes.add(c)
-        chosen.append(lat)
+  cfg.data.sample_latents = False  # the posterior means
+  data = split_arrays(cfg, "train", keys=("latents", "labels"))
+  single = np.nonzero(data["labels"].sum(1) == 1)[0]
+  _, first = np.unique(data["labels"][single].argmax(1), return_index=True)  # one clip per class, in split order
+  chosen = np.sort(single[first])[:args.clips]
   k = len(chosen)
-  x = jnp.asarray(np.stack(chosen))
+  x = jnp.asarray(data["latents"][chosen])
   x = x / x.std()
-  width = components.dit_config(cfg).context_dim
-  if k > width:
-    raise SystemExit(f"--clips {k} needs one-hot tokens of at least {k} dims; the DiT's context is {width}")
-  tokens = jnp.zeros((k, 4, width)).at[jnp.arange(k), :, jnp.arange(k)].set(3.0)
-  dit = DiT(dataclasses.replace(components.dit_config(cfg), context_dim=width))
+  dit_cfg = components.dit_config(cfg)
+  if k > dit_cfg.context_dim:
+    raise SystemExit(f"--clips {k} needs one-hot tokens of at least {k} dims; the DiT's context is "
+                     f"{dit_cfg.context_dim}")
+  tokens = jnp.zeros((k, 4, dit_cfg.context_dim)).at[jnp.arange(k), :, jnp.arange(k)].set(3.0)
+  dit = DiT(dit_cfg)
   params = meta.unbox(dit.init(jax.random.PRNGKey(0), x[:1], jnp.zeros((1,)), tokens[:1]))["params"]
   opt = optax.chain(optax.clip_by_global_norm(1.0),
                     optax.adamw(optax.linear_schedule(0.0, args.lr, 50), weight_decay=0.01))

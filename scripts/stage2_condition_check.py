@@ -30,22 +30,15 @@ def main():
   import jax.numpy as jnp
 
   from star_jax import flow
+  from star_jax.demo import split_arrays
   from star_jax.generate import Generator
   from star_jax.train import components
-  from star_jax.train.stage import RecordData
 
   gen = Generator(os.path.join(args.workdir, "bundle"))
   cfg = gen.cfg
   cfg.data.path = os.path.join(args.workdir, "data")
   cfg.data.sample_latents = False  # the posterior means
-  parts = {}
-  for batch in RecordData(cfg).iterator("train", batch_size=32, shuffle=False, num_epochs=1, seed=0,
-                                        drop_remainder=False):
-    if "latents" not in batch:
-      raise SystemExit(f"{cfg.data.path}: no cached latents in the train records; run `star-jax prepare cache`")
-    for k in ("latents", "labels", "hubert", "hubert_mask"):
-      parts.setdefault(k, []).append(np.asarray(batch[k]))
-  data = {k: np.concatenate(v) for k, v in parts.items()}
+  data = split_arrays(cfg, "train", keys=("latents", "labels", "hubert", "hubert_mask"))
   x0 = data["latents"] * components.latent_scale(cfg)  # the DiT's space
   bridge = lambda f, m: gen.bridge.apply({"params": gen.params["bridge"]}, f, m)
   tokens = np.concatenate([np.asarray(bridge(data["hubert"][i:i + 64], data["hubert_mask"][i:i + 64]))

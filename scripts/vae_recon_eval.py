@@ -42,11 +42,11 @@ def main():
   vae = OobleckVAE(components.vae_config(cfg))
   params = components.load_trained(args.workdir)[0]["vae"]
   recon_fn = jax.jit(lambda p, x: fit_length(vae.apply({"params": p}, x, None)[0], x.shape[1]))
-  queries = demo._test_set(cfg, "test", args.queries)
+  queries = demo.split_arrays(cfg, "test", args.queries)
   audio, labels = queries["audio"], queries["labels"]
   recon = np.concatenate([np.asarray(recon_fn(params, jnp.asarray(audio[i:i + 16])))
                           for i in range(0, len(audio), 16)])
-  train = demo._test_set(cfg, "train")
+  train = demo.split_arrays(cfg, "train")
   evaluator = demo.Evaluator(cfg.vae.sample_rate_hz).fit(train["audio"], train["labels"])
   real_emb = evaluator.embed(audio)
   print(f"event accuracy: real {demo.event_accuracy(evaluator, audio, labels):.3f}, "

@@ -39,15 +39,24 @@ def _safe(name: str) -> str:
   return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
 
 
-def _test_set(cfg, split: str, limit: int | None = None) -> dict:
-  """A split's fixed-length speech, audio, labels, ids and captions (deterministic crops), as numpy."""
+SPLIT_KEYS = ("speech", "speech_mask", "audio", "labels", "id", "caption")
+
+
+def split_arrays(cfg, split: str, limit: int | None = None, keys: tuple[str, ...] = SPLIT_KEYS) -> dict:
+  """A split's fixed-length `keys` (deterministic crops; default speech, audio, labels, ids and captions), as
+  numpy. Cached fields (latents, hubert) are there after `star-jax prepare cache`."""
   from star_jax.data import pipeline
+  from star_jax.errors import UserError
   it = pipeline.make_iterator(cfg.data, split, batch_size=32, audio_sample_rate_hz=cfg.vae.sample_rate_hz,
                               shuffle=False, num_epochs=1, drop_remainder=False, random_crop=False,
                               process_index=0, process_count=1)
   parts: dict[str, list] = {}
   for batch in it:
-    for k in ("speech", "speech_mask", "audio", "labels", "id", "caption"):
+    missing = sorted(set(keys) - set(batch))
+    if missing:
+      raise UserError(f"{cfg.data.path}: the {split} records have no {', '.join(missing)}; cached fields come from "
+                      f"`star-jax prepare cache`")
+    for k in keys:
       parts.setdefault(k, []).append(np.asarray(batch[k]))
   out = {k: np.concatenate(v) for k, v in parts.items()}
   if limit:
@@ -77,17 +86,24 @@ class Evaluator:
     logmel = np.log(mel + 1e-6)  # (N, 64, frames)
     return np.concatenate([logmel.mean(-1), logmel.std(-1), logmel.max(-1)], axis=-1)
 
-  def fit(self, wav_nt: np.ndarray, labels_nc: np.ndarray,
-          extra: tuple[np.ndarray, np.ndarray] | None = None) -> "Evaluator":
-    """Trains on the clips, their degraded copies and optionally `extra` (clips, labels), e.g. other renderings."""
-    from sklearn.neural_network import MLPClassifier
+  def fit(self, wav_nt: np.ndarray, labels_nc: np.ndarray) -> "Evaluator":
+    """Trains on the clips and their degraded copies; keeps their features for `extended`."""
     rng = np.random.default_rng(self.seed)
     wavs = [wav_nt] + [degrade(wav_nt, self.rate_hz, rng) for _ in range(self.augment_copies)]
-    labels = [labels_nc] * len(wavs)
-    if extra is not None:
-      wavs, labels = wavs + [extra[0]], labels + [extra[1]]
-    x = self.features(np.concatenate(wavs))
-    y = np.concatenate(labels).astype(int)
+    self.train_x = self.features(np.concatenate(wavs))
+    self.train_y = np.concatenate([labels_nc] * len(wavs)).astype(int)
+    return self._fit(self.train_x, self.train_y)
+
+  def extended(self, wav_nt: np.ndarray, labels_nc: np.ndarray) -> "Evaluator":
+    """A new evaluator trained on this one's training set plus more clips (e.g. another rendering of them),
+    reusing the features this one computed."""
+    other = Evaluator(self.rate_hz, self.seed, self.augment_copies)
+    other.train_x = np.concatenate([self.train_x, other.features(wav_nt)])
+    other.train_y = np.concatenate([self.train_y, labels_nc.astype(int)])
+    return other._fit(other.train_x, other.train_y)
+
+  def _fit(self, x: np.ndarray, y: np.ndarray) -> "Evaluator":
+    from sklearn.neural_network import MLPClassifier
     self.mean, self.std = x.mean(0), x.std(0) + 1e-6
     self.model = MLPClassifier(hidden_layer_sizes=(128,), alpha=1e-3, max_iter=600, random_state=self.seed)
     self.model.fit((x - self.mean) / self.std, y)
@@ -212,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
   _say("scoring stage 1 on the test split")
   from star_jax.train.stage import RecordData
   data = RecordData(cfg)
-  test = _test_set(cfg, "test")
+  test = split_arrays(cfg, "test")
   s1 = components.load_trained(os.path.join(work, "stage1"))[0]
   stage1_map = _stage1_map(cfg, data, s1, test)
   rng = np.random.default_rng(0)
@@ -220,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
                               for _ in range(10)]))
 
   # 4. Generation for the held-out spoken queries: the model, and the same model with a zero / random condition.
-  queries = _test_set(cfg, "test", args.max_queries)
+  queries = split_arrays(cfg, "test", args.max_queries)
   gen = Generator(bundle)
   seconds = float(cfg.data.audio_duration_s)
   _say(f"generating {len(queries['id'])} clips of {seconds:g} s ({cfg.flow.num_steps} steps, CFG {cfg.flow.cfg_scale})")
@@ -241,12 +257,11 @@ def run(args: argparse.Namespace) -> int:
   # the tiny VAE is weak (its reconstructions fool the first evaluator rarely), the second one shows what the
   # spoken query contributes, and the gap between the two columns is what the VAE costs.
   _say("training the evaluator classifiers on the real training clips")
-  train = _test_set(cfg, "train")
+  train = split_arrays(cfg, "train")
   evaluator = Evaluator(gen.sample_rate_hz).fit(train["audio"], train["labels"])
   half = np.arange(0, len(train["id"]), 2)  # every other clip: the VAE's rendering, at half the encode/decode time
   train_recon = np.concatenate([gen.reconstruct(train["audio"][half[i:i + 64]]) for i in range(0, len(half), 64)])
-  vae_evaluator = Evaluator(gen.sample_rate_hz).fit(train["audio"], train["labels"],
-                                                    extra=(train_recon, train["labels"][half]))
+  vae_evaluator = evaluator.extended(train_recon, train["labels"][half])
   _say("scoring real, generated and baseline clips")
   real_emb = evaluator.embed(test["audio"])
   labels = queries["labels"]

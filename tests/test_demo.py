@@ -1,8 +1,14 @@
 """The demo's evaluator: trained on clean clips plus degraded copies, it names the event, not the coding."""
 
-import numpy as np
+import os
 
-from star_jax.demo import Evaluator, degrade, event_accuracy
+import numpy as np
+import pytest
+
+from star_jax.config import load_config
+from star_jax.data import records
+from star_jax.demo import Evaluator, degrade, event_accuracy, split_arrays
+from star_jax.errors import UserError
 
 RATE = 16000
 
@@ -44,7 +50,7 @@ def test_evaluator_trained_with_degraded_copies_recognises_noisy_clips():
 
 
 def test_evaluator_that_heard_a_rendering_recognises_rendered_clips():
-  """The demo's second evaluator also trains on the VAE's renderings of the training clips (`extra`). Here the
+  """The demo's second evaluator also trains on the VAE's renderings of the training clips (`extended`). Here the
   rendering is ring modulation at 2.5 kHz, which moves every partial: an evaluator that never heard it is lost,
   one that heard the training clips through it names the event of unseen rendered clips."""
   rng = np.random.default_rng(0)
@@ -53,7 +59,38 @@ def test_evaluator_that_heard_a_rendering_recognises_rendered_clips():
   test_x, test_y = _tones(freqs, 5, rng)
   render = lambda x: (x * np.sin(2 * np.pi * 2500 * np.arange(x.shape[1]) / RATE)).astype(np.float32)
   plain = Evaluator(RATE).fit(train_x, train_y)
-  aware = Evaluator(RATE).fit(train_x, train_y, extra=(render(train_x[::2]), train_y[::2]))
+  aware = plain.extended(render(train_x[::2]), train_y[::2])
   assert event_accuracy(aware, test_x, test_y) == 1.0  # still names the real clips
   assert event_accuracy(aware, render(test_x), test_y) >= 0.9
   assert event_accuracy(plain, render(test_x), test_y) <= 0.5  # measured 0.25 (chance)
+
+
+def test_extended_evaluator_is_the_one_fit_on_both_sets():
+  """`extended` reuses the features of its base evaluator: the same model as fitting the clips, their degraded
+  copies and the extra clips from scratch."""
+  rng = np.random.default_rng(3)
+  x, y = _tones((300, 800), 4, rng)
+  extra = x[::2] * 0.5
+  base = Evaluator(RATE).fit(x, y)
+  scratch = Evaluator(RATE)
+  scratch._fit(np.concatenate([base.train_x, scratch.features(extra)]), np.concatenate([base.train_y, y[::2]]))
+  np.testing.assert_array_equal(base.extended(extra, y[::2]).model.coefs_[0], scratch.model.coefs_[0])
+
+
+def test_split_arrays_reads_a_split_in_order_and_names_missing_cached_fields(tmp_path):
+  rng = np.random.default_rng(0)
+  recs = [dict(id=f"r{i}", caption=f"sound {i}", labels=np.eye(3, dtype=np.uint8)[i % 3],
+               speech=rng.uniform(-0.5, 0.5, 8000).astype(np.float32),
+               audio=rng.uniform(-0.5, 0.5, 6000).astype(np.float32)) for i in range(5)]
+  path = os.path.join(tmp_path, records.shard_name("train", 0, 1))
+  records.write_shard(path, [records.encode_record(r) for r in recs])
+  records.write_json(path + ".json", dict(shard=os.path.basename(path), records=len(recs), skipped=[]))
+  records.update_info(str(tmp_path), "train", len(recs), label_names=list("abc"), speech_sample_rate_hz=16000,
+                      audio_sample_rate_hz=16000)
+  cfg = load_config("configs/star.py:tiny", [f"data.path={tmp_path}"])
+  out = split_arrays(cfg, "train")
+  assert list(out["id"]) == [r["id"] for r in recs]
+  np.testing.assert_array_equal(out["audio"][2, :6000], recs[2]["audio"])
+  assert list(split_arrays(cfg, "train", limit=3)["id"]) == ["r0", "r2", "r4"]
+  with pytest.raises(UserError, match="no hubert, latents.*prepare cache"):
+    split_arrays(cfg, "train", keys=("labels", "latents", "hubert"))
