@@ -73,9 +73,9 @@ def main():
   else:
     from star_jax.generate import Generator
     gen = Generator(args.bundle)
-    tokens = jnp.concatenate([gen.bridge.apply({"params": gen.params["bridge"]}, data["hubert"][chosen[i:i + 64]],
-                                               data["hubert_mask"][chosen[i:i + 64]]) for i in range(0, k, 64)])
-    means = np.stack([np.asarray(tokens)[classes == c].mean(0).ravel() for c in np.unique(classes)])
+    tokens = gen.tokens_from_features(data["hubert"][chosen], data["hubert_mask"][chosen])
+    means = np.stack([tokens[classes == c].mean(0).ravel() for c in np.unique(classes)])
+    tokens = jnp.asarray(tokens)
     sv = np.linalg.svd(means - means.mean(0), compute_uv=False) ** 2
     print(f"bridge tokens: class means span a participation rank of {sv.sum() ** 2 / (sv ** 2).sum():.1f} "
           f"dimensions ({len(means)} classes)")

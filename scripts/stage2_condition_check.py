@@ -40,9 +40,7 @@ def main():
   cfg.data.sample_latents = False  # the posterior means
   data = split_arrays(cfg, "train", keys=("latents", "labels", "hubert", "hubert_mask"))
   x0 = data["latents"] * components.latent_scale(cfg)  # the DiT's space
-  bridge = lambda f, m: gen.bridge.apply({"params": gen.params["bridge"]}, f, m)
-  tokens = np.concatenate([np.asarray(bridge(data["hubert"][i:i + 64], data["hubert_mask"][i:i + 64]))
-                           for i in range(0, len(x0), 64)])
+  tokens = gen.tokens_from_features(data["hubert"], data["hubert_mask"])
   dit = lambda x, t, c: gen.dit.apply({"params": gen.params["dit"]}, x, t, c)
 
   @jax.jit

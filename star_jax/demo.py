@@ -58,12 +58,17 @@ def split_arrays(cfg, split: str, limit: int | None = None, keys: tuple[str, ...
                       f"`star-jax prepare cache`")
     for k in keys:
       parts.setdefault(k, []).append(np.asarray(batch[k]))
-  out = {k: np.concatenate(v) for k, v in parts.items()}
-  if limit:
-    # Spread the limit over the split: every k-th query, so all classes and mixtures are represented.
-    idx = np.linspace(0, len(out["id"]) - 1, min(limit, len(out["id"]))).round().astype(int)
-    out = {k: v[idx] for k, v in out.items()}
-  return out
+  return spread({k: np.concatenate(v) for k, v in parts.items()}, limit)
+
+
+def spread(arrays: dict, limit: int | None) -> dict:
+  """At most `limit` rows of equal-length `arrays`, spread over them (every k-th, first and last included), so
+  all classes and mixtures of a split are represented; all of them for no limit."""
+  n = len(next(iter(arrays.values()), ()))
+  if not limit or limit >= n:
+    return arrays
+  idx = np.linspace(0, n - 1, limit).round().astype(int)
+  return {k: v[idx] for k, v in arrays.items()}
 
 
 class Evaluator:
@@ -236,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
                               for _ in range(10)]))
 
   # 4. Generation for the held-out spoken queries: the model, and the same model with a zero / random condition.
-  queries = split_arrays(cfg, "test", args.max_queries)
+  queries = spread(test, args.max_queries)
   gen = Generator(bundle)
   seconds = float(cfg.data.audio_duration_s)
   _say(f"generating {len(queries['id'])} clips of {seconds:g} s ({cfg.flow.num_steps} steps, CFG {cfg.flow.cfg_scale})")

@@ -90,12 +90,22 @@ class Generator:
     self.sample_rate_hz = int(cfg.vae.sample_rate_hz)
     self.hop = components.vae_hop(cfg)
     self._tokens = jax.jit(self._tokens_fn)
+    self._bridge_tokens = jax.jit(self._bridge_fn)
     self._decode = jax.jit(lambda p, z: self.vae.apply({"params": p}, z, method="decode"))
     self._encode = jax.jit(lambda p, a: self.vae.apply({"params": p}, a, method="encode")[0])
 
+  def _bridge_fn(self, params, feats_btd, frame_mask_bt):
+    return self.bridge.apply({"params": params["bridge"]}, feats_btd, frame_mask_bt)
+
   def _tokens_fn(self, params, speech_bt, mask_bt):
-    feats, frame_mask = self.hubert.apply({"params": params["hubert"]}, speech_bt, mask_bt)
-    return self.bridge.apply({"params": params["bridge"]}, feats, frame_mask)
+    return self._bridge_fn(params, *self.hubert.apply({"params": params["hubert"]}, speech_bt, mask_bt))
+
+  def tokens_from_features(self, feats_ntd: np.ndarray, frame_mask_nt: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """HuBERT frames (cached by `prepare cache` from this bundle's HuBERT) -> bridge tokens (N, Q, D), in
+    batches of `batch_size`, as numpy."""
+    return np.concatenate([np.asarray(self._bridge_tokens(self.params, feats_ntd[i:i + batch_size],
+                                                          frame_mask_nt[i:i + batch_size]))
+                           for i in range(0, len(feats_ntd), batch_size)])
 
   def tokens(self, speech: list[np.ndarray]):
     """Speech waveforms at 16 kHz -> bridge tokens (B, Q, D); padded to whole seconds, and for a GroupNorm

@@ -7,7 +7,7 @@ import pytest
 
 from star_jax.config import load_config
 from star_jax.data import records
-from star_jax.demo import Evaluator, degrade, event_accuracy, split_arrays
+from star_jax.demo import Evaluator, degrade, event_accuracy, split_arrays, spread
 from star_jax.errors import UserError
 
 RATE = 16000
@@ -92,5 +92,6 @@ def test_split_arrays_reads_a_split_in_order_and_names_missing_cached_fields(tmp
   assert list(out["id"]) == [r["id"] for r in recs]
   np.testing.assert_array_equal(out["audio"][2, :6000], recs[2]["audio"])
   assert list(split_arrays(cfg, "train", limit=3)["id"]) == ["r0", "r2", "r4"]
+  assert list(spread(out, 5)["id"]) == list(spread(out, 9)["id"]) == list(out["id"])
   with pytest.raises(UserError, match="no hubert, latents.*prepare cache"):
     split_arrays(cfg, "train", keys=("labels", "latents", "hubert"))

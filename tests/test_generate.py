@@ -29,6 +29,21 @@ def bundle(tmp_path_factory):
   return export_bundle(str(work), str(root / "bundle"))
 
 
+def test_tokens_from_cached_features_are_the_speech_tokens(bundle):
+  """`tokens_from_features` (the bridge on HuBERT frames cached by `prepare cache`, in batches) gives the tokens
+  that HuBERT + bridge give on the speech itself; 3 clips in batches of 2 cover a short last batch."""
+  from star_jax.generate import Generator
+  gen = Generator(bundle)
+  rng = np.random.default_rng(0)
+  speech = rng.uniform(-0.3, 0.3, (3, 4 * RATE)).astype(np.float32)
+  mask = np.arange(4 * RATE)[None] < np.array([[4 * RATE], [3 * RATE], [2 * RATE]])
+  feats, frame_mask = gen.hubert.apply({"params": gen.params["hubert"]}, speech, mask)
+  want = np.asarray(gen._tokens(gen.params, speech, mask))
+  got = gen.tokens_from_features(np.asarray(feats), np.asarray(frame_mask), batch_size=2)
+  assert np.abs(want).max() > 1e-3
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def _speech(path, seconds=1.0, rate=RATE, channels=1):
   t = np.arange(int(seconds * rate)) / rate
   wave = 0.3 * np.sin(2 * np.pi * 220 * t)[:, None] * np.ones((1, channels))

@@ -77,10 +77,10 @@ def timestep_embedding(t_b: jax.Array, dim: int, max_period: float = 10000.0) ->
 
 
 def sinusoidal_positions(length: int, dim: int) -> jax.Array:
-  """(L, D) absolute position table: sin(p·w_i) at channel 2i, cos(p·w_i) at 2i + 1, w_i = 10000^(-2i/D)."""
-  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
-  angles = jnp.arange(length, dtype=jnp.float32)[:, None] * freqs[None]
-  return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(length, -1)[:, :dim]
+  """(L, D) absolute position table: sin(p·w_i) at channel 2i, cos(p·w_i) at 2i + 1, w_i = 10000^(-2i/D): the
+  timestep embedding's sinusoid at p = 0..L-1, interleaved (D is even: heads are of even size)."""
+  cos, sin = jnp.split(timestep_embedding(jnp.arange(length), dim), 2, axis=-1)
+  return jnp.stack([sin, cos], axis=-1).reshape(length, dim)
 
 
 def rope(x_blhd: jax.Array, base: float = 10000.0) -> jax.Array:
