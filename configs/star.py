@@ -104,7 +104,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
                       input_size=hubert["hidden_size"], dtype=qformer["dtype"])
   # num_classes 0: the dataset's label count. prior_prob: the head's logits start at the label prior (about
   # labels per clip / classes; AudioCaps ~2.5/527, OpenSFX ~1.2/63), 0 for zero biases (models/bridge.py).
-  c.classifier = dict(num_classes=527 if paper else 0, prior_prob=0.005 if paper else 0.02)
+  c.classifier = dict(num_classes=527 if paper else 0, prior_prob=0.005 if paper else 0.02, cosine_scale=0.0)
   c.dit = _dit(variant, qformer["output_size"])
   c.vae = _vae(variant)
   # latent_scale: the DiT works on VAE latents × this (1.0: as the paper, whose VAE latents are about unit scale).

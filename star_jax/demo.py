@@ -325,7 +325,8 @@ def _stage1_map(cfg, data, parts: dict, test: dict) -> float:
 
   hubert = Hubert(components.hubert_config(cfg))
   bridge = QFormer(QFormerConfig(**cfg.qformer.to_dict()))
-  head = Classifier(len(data.label_names), dtype=cfg.qformer.dtype)
+  head = Classifier(len(data.label_names), dtype=cfg.qformer.dtype,
+                    cosine_scale=float(cfg.classifier.get("cosine_scale", 0.0)))
 
   @jax.jit
   def probs(p, speech, mask):

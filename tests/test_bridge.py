@@ -158,6 +158,19 @@ def test_classifier_prior_init_starts_every_class_at_the_prior():
     Classifier(num_classes=5, prior_prob=1.0).init(jax.random.key(1), tokens)
 
 
+def test_cosine_classifier_is_scaled_cosine_of_the_mean_token_plus_a_prior_bias():
+  tokens = jax.random.normal(jax.random.key(0), (3, 4, 8))
+  head = Classifier(num_classes=5, prior_prob=0.02, cosine_scale=16.0)
+  params = nn.unbox(head.init(jax.random.key(1), tokens)["params"])
+  pooled, w = np.asarray(tokens.mean(1)), np.asarray(params["cosine_kernel"])
+  cos = (pooled / np.linalg.norm(pooled, axis=1, keepdims=True)) @ (w / np.linalg.norm(w, axis=0, keepdims=True))
+  np.testing.assert_allclose(head.apply({"params": params}, tokens), 16.0 * cos + params["cosine_bias"], atol=1e-5)
+  np.testing.assert_allclose(jax.nn.sigmoid(params["cosine_bias"]), 0.02, rtol=1e-5)
+  # Invariant to the pooled token's scale, unlike the linear head.
+  np.testing.assert_allclose(head.apply({"params": params}, 3.0 * tokens), head.apply({"params": params}, tokens),
+                             atol=1e-5)
+
+
 def _tiny_speech_stack():
   c = load_config("configs/star.py:tiny")
   return Hubert(HubertConfig(**c.hubert.to_dict())), QFormer(QFormerConfig(**c.qformer.to_dict()))

@@ -60,10 +60,14 @@ def num_classes(cfg, data=None) -> int:
   return len(data.label_names)
 
 
-def speech_features(cfg, hubert_params, batch: dict) -> tuple[jax.Array, jax.Array]:
-  """Cached HuBERT frames when the batch has them, else HuBERT on the waveform -> (B, T, D), (B, T)."""
+def speech_features(cfg, hubert_params, batch: dict, use_cache: bool = True) -> tuple[jax.Array, jax.Array]:
+  """Cached HuBERT frames when the batch has them (and `use_cache`), else HuBERT on the waveform.
+
+  -> (B, T, D), (B, T). A stage that trains HuBERT passes use_cache=False: cached frames come from some
+  other HuBERT, and reading them would train the bridge on them while HuBERT itself never learns.
+  """
   from star_jax.models.hubert import Hubert
-  if "hubert" in batch:
+  if use_cache and "hubert" in batch:
     return batch["hubert"], batch["hubert_mask"]
   return Hubert(hubert_config(cfg)).apply({"params": hubert_params}, batch["speech"], batch["speech_mask"])
 

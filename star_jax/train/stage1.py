@@ -23,7 +23,8 @@ def build(cfg, data=None) -> Stage:
   hubert = Hubert(components.hubert_config(cfg))
   bridge = components.bridge_module(cfg)
   head = Classifier(components.num_classes(cfg, data), dtype=cfg.qformer.dtype,
-                    prior_prob=float(cfg.classifier.get("prior_prob", 0.0)))
+                    prior_prob=float(cfg.classifier.get("prior_prob", 0.0)),
+                    cosine_scale=float(cfg.classifier.get("cosine_scale", 0.0)))
   train_hubert = bool(hp.train_hubert)
 
   def init(rng):
@@ -39,7 +40,7 @@ def build(cfg, data=None) -> Stage:
 
   def logits_fn(params, frozen, batch, rng=None):
     hub = params["hubert"] if train_hubert else frozen["hubert"]
-    feats, mask = components.speech_features(cfg, hub, batch)
+    feats, mask = components.speech_features(cfg, hub, batch, use_cache=not train_hubert)
     if not train_hubert:
       feats = jax.lax.stop_gradient(feats)
     rngs = None if rng is None else {"dropout": rng}
