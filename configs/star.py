@@ -50,13 +50,13 @@ def _dit(variant: str, context_dim: int) -> dict:
   if variant == "paper":  # EzAudio DiT-L
     return dict(latent_channels=128, hidden_size=1024, depth=24, num_heads=16, mlp_ratio=4,
                 context_dim=context_dim, lora_rank=32, lora_alpha=32.0, pooled_context=False, patch_size=1,
-                abs_pe="none", remat="dots", dtype="bfloat16")
+                abs_pe="none", context_slots=0, remat="dots", dtype="bfloat16")
   # tiny: pooled_context (EzAudio's cls_embed path: the mean bridge token also drives every block's AdaLN). In
   # 900 steps on the demo corpus it doubled how much the condition lowers the flow loss at σ = 0.95 (bridge tokens
   # against shuffled ones: 16 % against 8 %, issue 6).
   return dict(latent_channels=16, hidden_size=64, depth=4, num_heads=4, mlp_ratio=4,
               context_dim=context_dim, lora_rank=8, lora_alpha=8.0, pooled_context=True, patch_size=1,
-              abs_pe="none", remat="none", dtype="float32")
+              abs_pe="none", context_slots=0, remat="none", dtype="float32")
 
 
 def _vae(variant: str) -> dict:

@@ -406,3 +406,20 @@ def test_sinusoidal_abs_pe_lets_a_constant_input_vary_over_time():
   assert np.abs(inner - inner[:, :1]).max() > 1e-2
   with pytest.raises(ValueError, match="abs_pe"):
     DiTConfig(abs_pe="learned")
+
+
+def test_context_slots_give_each_context_token_its_own_linear_map():
+  """dit.context_slots (not in EzAudio): token s of the context goes through its own (Dc, Dc) matrix before the
+  context MLP; the rest of the DiT is unchanged, so it equals the plain DiT on the mapped context."""
+  x, t, ctx = _inputs()
+  cfg = dataclasses.replace(CFG, context_slots=S)
+  p = _perturbed(_init(cfg))
+  assert p["context_slot_proj"].shape == (S, CFG.context_dim, CFG.context_dim)
+  mapped = jnp.einsum("bsd,sde->bse", ctx, p["context_slot_proj"])
+  base = {k: v for k, v in p.items() if k != "context_slot_proj"}
+  np.testing.assert_allclose(_apply(p, x, t, ctx, cfg=cfg), _apply(base, x, t, mapped), atol=1e-5)
+  # Identical tokens reach cross-attention as distinct ones, so the output differs from the plain DiT on them.
+  same = jnp.broadcast_to(ctx[:, :1], ctx.shape)
+  assert np.abs(np.asarray(_apply(p, x, t, same, cfg=cfg) - _apply(base, x, t, same))).max() > 1e-3
+  with pytest.raises(ValueError, match="context_slots"):
+    _apply(p, x, t, ctx[:, :3], cfg=cfg)

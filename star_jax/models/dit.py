@@ -51,6 +51,10 @@ class DiTConfig:
   # "none" (STAR's and EzAudio's released DiTs: RoPE alone) or "sinusoidal" (sin on even, cos on odd
   # channels). RoPE only sees offsets, so without it the DiT cannot place a sound at a time from noise alone.
   abs_pe: str = "none"
+  # Not in EzAudio: > 0 gives each of that many context tokens its own learned Dc x Dc linear map before the
+  # context MLP (init N(0, 1/Dc)). A bridge whose tokens are near copies of one another then still reaches
+  # cross-attention as distinct tokens, which the DiT keys on far faster (issue 6). 0: STAR and EzAudio.
+  context_slots: int = 0
   remat: str = "none"  # a key of REMAT_POLICIES, applied per block
   dtype: str = "float32"  # matmul input dtype; params, norms, softmax and the residual stay f32
 
@@ -220,6 +224,8 @@ class DiT(nn.Module):
     time_ada_final = Dense(2 * d, ("embed", "mlp"), dtype=dtype, kernel_init=zeros,
                            name="time_ada_final")(temb)
 
+    if cfg.context_slots:
+      context_bsd = self.slot_projection(context_bsd)
     ctx = Dense(d, ("embed", "mlp"), dtype=dtype, name="context_embed_1")(context_bsd)
     ctx = Dense(d, ("mlp", "embed"), dtype=dtype, name="context_embed_2")(jax.nn.silu(ctx))
 
@@ -242,6 +248,19 @@ class DiT(nn.Module):
       # the identity on unpadded batches.
       x = jnp.where(x_mask_bl[..., None].astype(bool), x, 0.0)
     return FinalConv(cfg.dtype, name="final_conv")(x)
+
+  def slot_projection(self, context_bsd):
+    """`context_slots`: token s of the context times its own (Dc, Dc) matrix -> (B, S, Dc)."""
+    cfg = self.cfg
+    if context_bsd.shape[1] != cfg.context_slots:
+      raise ValueError(f"DiT: dit.context_slots is {cfg.context_slots} but the context has {context_bsd.shape[1]} "
+                       f"tokens (set it to the bridge's token count, e.g. qformer.num_queries, or 0)")
+    dc = context_bsd.shape[-1]
+    kernel = self.param("context_slot_proj", nn.with_logical_partitioning(
+        nn.initializers.normal(dc ** -0.5), (None, None, None)), (cfg.context_slots, dc, dc), jnp.float32)
+    dtype = as_dtype(cfg.dtype)
+    return jnp.einsum("bsd,sde->bse", context_bsd.astype(dtype), kernel.astype(dtype),
+                      preferred_element_type=jnp.float32)
 
   def pooled_context_embedding(self, context_bsd, context_mask_bs):
     """EzAudio cls_embed of the masked mean of the context tokens: (B, S, Dc) -> (B, D)."""
