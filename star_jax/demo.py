@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--config", default="configs/star.py:tiny", help="FILE.py:VARIANT (default: %(default)s)")
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config value for every stage (repeatable)")
-  p.add_argument("--max-queries", type=int, default=96, help="held-out test queries to generate for")
+  p.add_argument("--max-queries", type=int, default=None,
+                 help="held-out test queries to generate for, spread over the split (default: all of them)")
   p.add_argument("--png", type=int, default=8, help="spectrogram PNGs to draw")
 
 

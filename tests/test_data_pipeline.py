@@ -77,6 +77,17 @@ def test_random_crop_is_seeded_and_resampling_gives_the_asked_rate(dataset):
   assert up["audio"].shape == (4, 12000) and up["audio_mask"].any(1).all()
 
 
+def test_data_random_crop_false_crops_the_train_split_at_the_start(dataset):
+  path, recs = dataset
+  it = pipeline.make_iterator(_cfg(path, random_crop=False), "train", batch_size=4, seed=7,
+                              audio_sample_rate_hz=AUDIO_RATE, process_index=0, process_count=1)
+  batch = next(it)
+  for b, rid in enumerate(batch["id"]):
+    rec = recs[int(rid[1:])]
+    n = min(len(rec["audio"]), 6000)
+    np.testing.assert_array_equal(batch["audio"][b, :n], rec["audio"][:n])  # the clip's first 0.75 s
+
+
 def test_restored_iterator_yields_the_same_batches(dataset):
   path, _ = dataset
   it = _iter(path, batch_size=3, seed=1)

@@ -73,3 +73,15 @@ def test_stage1_reads_cached_hubert_frames_only_when_hubert_is_frozen(train_hube
     assert loss(cached) == loss(batch)
   else:
     assert loss(cached) != loss(batch)
+
+
+def test_stage2_train_projection_false_freezes_the_whole_bridge(tmp_path, mesh1):
+  # The paper trains the bridge's last projection in stage 2; `stage2.train_projection=False` keeps stage 1's
+  # tokens as they are (the tiny demo: see configs/star.py).
+  from star_jax.train import components
+  cfg = _cfg("stage2", "stage2.train_projection=False", "stage2.steps=2")
+  data = RandomRecords(cfg, n=8)
+  stage = build_stage(cfg, "stage2", data)
+  loop.train(cfg, stage, str(tmp_path), data, mesh=mesh1, progress=False)
+  state, _ = components.checkpoint.TrainCheckpointer(str(tmp_path / "checkpoints")).restore_numpy()
+  assert not state["params"]["bridge"] and "projection" in state["frozen"]["bridge"]

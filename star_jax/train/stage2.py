@@ -21,10 +21,10 @@ log = logging.getLogger("star_jax.train")
 TRAINABLE_BRIDGE = ("projection",)  # the Q-Former's output Linear (DESIGN.md §1: "the bridge's last projection")
 
 
-def split_bridge(bridge_params: dict) -> tuple[dict, dict]:
-  """Q-Former params -> (trainable last projection, frozen body)."""
-  trainable = {k: v for k, v in bridge_params.items() if k in TRAINABLE_BRIDGE}
-  return trainable, {k: v for k, v in bridge_params.items() if k not in TRAINABLE_BRIDGE}
+def split_bridge(bridge_params: dict, trainable_names: tuple[str, ...] = TRAINABLE_BRIDGE) -> tuple[dict, dict]:
+  """Q-Former params -> (trainable last projection, frozen body); `trainable_names=()` freezes it all."""
+  trainable = {k: v for k, v in bridge_params.items() if k in trainable_names}
+  return trainable, {k: v for k, v in bridge_params.items() if k not in trainable_names}
 
 
 def build(cfg, data=None) -> Stage:
@@ -37,11 +37,13 @@ def build(cfg, data=None) -> Stage:
   bridge = components.bridge_module(cfg)
   dit = DiT(components.dit_config(cfg))
   vae = OobleckVAE(components.vae_config(cfg))
+  trainable_bridge = TRAINABLE_BRIDGE if hp.get("train_projection", True) else ()
 
   def init(rng):
     r_hub, r_bridge, r_dit, r_vae = jax.random.split(rng, 4)
     q, width = cfg.qformer.num_queries, cfg.qformer.output_size or cfg.qformer.hidden_size
-    proj, body = split_bridge(bridge.init(r_bridge, jnp.zeros((1, 4, cfg.hubert.hidden_size)))["params"])
+    proj, body = split_bridge(bridge.init(r_bridge, jnp.zeros((1, 4, cfg.hubert.hidden_size)))["params"],
+                              trainable_bridge)
     latents = jnp.zeros((1, 4, cfg.vae.latent_channels))
     return {
         "params": {"dit": dit.init(r_dit, latents, jnp.zeros((1,)), jnp.zeros((1, q, width)))["params"],
@@ -70,7 +72,7 @@ def build(cfg, data=None) -> Stage:
       log.warning("stage2: no init_dit; the DiT starts from random weights")
     if hp.init_bridge:
       parts, _ = components.load_trained(hp.init_bridge)
-      proj, body = split_bridge(parts.get("bridge", {}))
+      proj, body = split_bridge(parts.get("bridge", {}), trainable_bridge)
       params["bridge"] = components.put_like(proj, params["bridge"], "stage2.init_bridge (projection)")
       frozen["bridge"] = components.put_like(body, frozen["bridge"], "stage2.init_bridge (Q-Former)")
       frozen["hubert"] = components.put_like(parts.get("hubert"), frozen["hubert"], "stage2.init_bridge (HuBERT)")
