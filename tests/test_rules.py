@@ -44,6 +44,7 @@ TABLE = {  # component -> (param path pattern, its kernel's logical axes)
         (r"mlp/proj_(value|gate)/kernel", ("embed", "mlp")),
         (r"mlp/proj_out/kernel", ("mlp", "embed")),
         (r"context_embed_1/kernel", ("embed", "mlp")),
+        (r"context_slot_proj", (None, None, "embed")),
         (r"final_conv/kernel", (None, "conv_in", "conv_out")),
     ],
     "vae": [
@@ -69,7 +70,7 @@ def _abstract_params(cfg, name):
   elif name == "dit":
     c = dit.DiTConfig(**cfg.dit.to_dict())
     init = lambda: dit.DiT(c).init(rng, jnp.zeros((1, 4, c.latent_channels)), jnp.zeros((1,)),
-                                   jnp.zeros((1, 3, c.context_dim)))
+                                   jnp.zeros((1, c.context_slots or 3, c.context_dim)))
   else:
     c = vae.VAEConfig(**cfg.vae.to_dict())
     init = lambda: vae.OobleckVAE(c).init(rng, jnp.zeros((1, 4 * vae.hop_length(c))))

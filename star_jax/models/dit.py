@@ -257,7 +257,7 @@ class DiT(nn.Module):
                        f"tokens (set it to the bridge's token count, e.g. qformer.num_queries, or 0)")
     dc = context_bsd.shape[-1]
     kernel = self.param("context_slot_proj", nn.with_logical_partitioning(
-        nn.initializers.normal(dc ** -0.5), (None, None, None)), (cfg.context_slots, dc, dc), jnp.float32)
+        nn.initializers.normal(dc ** -0.5), (None, None, "embed")), (cfg.context_slots, dc, dc), jnp.float32)
     dtype = as_dtype(cfg.dtype)
     return jnp.einsum("bsd,sde->bse", context_bsd.astype(dtype), kernel.astype(dtype),
                       preferred_element_type=jnp.float32)
