@@ -214,9 +214,7 @@ def run(args: argparse.Namespace) -> int:
 
   # 2. The stages, each resuming from its own workdir.
   stages = {}
-  # The VAE learns from random windows of the clips (all of each clip) whatever data.random_crop says; tiny's
-  # False is for stage 2, whose generations are judged against the clips' start.
-  stages["vae"] = _train_stage(args, "vae", os.path.join(work, "vae"), ["data.random_crop=True"])
+  stages["vae"] = _train_stage(args, "vae", os.path.join(work, "vae"), [])
   stages["stage1"] = _train_stage(args, "stage1", os.path.join(work, "stage1"), [])
   # Stage 2's frozen inputs, HuBERT frames (stage 1's best HuBERT) and VAE posteriors, computed once into the
   # records rather than at every step: the VAE encoder was most of a stage-2 step. Reruns skip cached shards.

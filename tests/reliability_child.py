@@ -43,7 +43,7 @@ class PoisonData(ArrayData):
         gscale[:] = np.inf
     return {**batch, "gscale": gscale}
 
-  def iterator(self, split, *, batch_size, shuffle, num_epochs, seed, drop_remainder=True):
+  def iterator(self, split, *, batch_size, shuffle, num_epochs, seed, drop_remainder=True, random_crop=None):
     ds = grain.MapDataset.range(len(self.x))
     if shuffle:
       ds = ds.shuffle(seed=seed)

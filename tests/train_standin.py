@@ -37,7 +37,7 @@ class ArrayData:
     for i in nan_at:
       self.x[i] = np.nan
 
-  def iterator(self, split, *, batch_size, shuffle, num_epochs, seed, drop_remainder=True):
+  def iterator(self, split, *, batch_size, shuffle, num_epochs, seed, drop_remainder=True, random_crop=None):
     ds = grain.MapDataset.range(len(self.x))
     if shuffle:
       ds = ds.shuffle(seed=seed)
@@ -82,6 +82,7 @@ class RandomRecords:
     ts = int(cfg.data.speech_duration_s * cfg.data.speech_sample_rate_hz)
     ta = int(cfg.data.audio_duration_s * cfg.vae.sample_rate_hz)
     self.label_names = [f"class{i}" for i in range(num_classes)]
+    self.random_crops = []
     lengths = r.integers(ta // 2, ta + 1, n)
     self.examples = [dict(
         speech=(0.1 * r.standard_normal(ts)).astype(np.float32), speech_mask=np.arange(ts) < ts - 400 * (i % 3),
@@ -90,7 +91,8 @@ class RandomRecords:
         text_emb=r.standard_normal((6, cfg.tta.text_dim)).astype(np.float32), text_mask=np.arange(6) < 3 + i % 4,
     ) for i in range(n)]
 
-  def iterator(self, split, *, batch_size, shuffle, num_epochs, seed, drop_remainder=True):
+  def iterator(self, split, *, batch_size, shuffle, num_epochs, seed, drop_remainder=True, random_crop=None):
+    self.random_crops.append((split, random_crop))  # what the loop asked for (these records are never cropped)
     ds = grain.MapDataset.source(self.examples)
     if shuffle:
       ds = ds.shuffle(seed=seed)

@@ -160,7 +160,7 @@ def make_iterator(data_cfg, split: str, *, batch_size: int, audio_sample_rate_hz
 
   Process i of n reads records [i*N/n, (i+1)*N/n) of the (shuffled) index space; with drop_remainder every
   process gets the same number of records and batches (what multi-host training needs).
-  random_crop defaults to split == "train" and data.random_crop (True); crops are seeded by (seed, record position), so they replay
+  random_crop defaults to split == "train"; crops are seeded by (seed, record position), so they replay
   exactly after a restore. skip_bad_records (default data.skip_bad_records, False): replace and count bad
   records instead of raising `source.BadRecordError`. sample_latents (default data.sample_latents, True): serve
   cached posteriors as samples, else as their mean.
@@ -188,8 +188,7 @@ def make_iterator(data_cfg, split: str, *, batch_size: int, audio_sample_rate_hz
       text_max_tokens=int(data_cfg.get("text_max_tokens", 16)),
       hubert_rate_hz=float(info.get("hubert_frame_rate_hz", FEATURE_RATE_HZ)),
       latent_rate_hz=float(info.get("latent_frame_rate_hz", FEATURE_RATE_HZ)),
-      random_crop=(split == "train" and bool(data_cfg.get("random_crop", True))) if random_crop is None
-      else random_crop,
+      random_crop=split == "train" if random_crop is None else random_crop,
       sample_latents=bool(data_cfg.get("sample_latents", True) if sample_latents is None else sample_latents),
       cached_fields=tuple(info["cache"].get(split, {})) if "cache" in info else None)
   shard_options = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count,

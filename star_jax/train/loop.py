@@ -114,7 +114,7 @@ def train(cfg: Any, stage: Stage, workdir: str, data: Data, *, mesh: jax.shardin
   steps_per_epoch = max(data.num_examples("train") // global_bs, 1)
   total_steps = stage.total_steps(steps_per_epoch)
   train_iter = data.iterator("train", batch_size=local_bs, shuffle=True, num_epochs=None,
-                             seed=int(cfg.data.shuffle_seed))
+                             seed=int(cfg.data.shuffle_seed), random_crop=bool(hp.get("random_crop", True)))
 
   # --- Optimizer and state layout (shapes and shardings, nothing allocated yet).
   schedule = state_lib.make_schedule(hp, steps_per_epoch, total_steps)

@@ -28,8 +28,9 @@ class Data(Protocol):
   """Batches of numpy arrays with masks (star_jax.data.pipeline) and split sizes."""
 
   def iterator(self, split: str, *, batch_size: int, shuffle: bool, num_epochs: int | None,
-               seed: int, drop_remainder: bool = True) -> Iterator[dict]:
-    """A checkpointable (get_state/set_state) iterator over this process's part of `split`."""
+               seed: int, drop_remainder: bool = True, random_crop: bool | None = None) -> Iterator[dict]:
+    """A checkpointable (get_state/set_state) iterator over this process's part of `split`; `random_crop`:
+    crop clips longer than the window at a random start (None: for the train split only)."""
 
   def num_examples(self, split: str) -> int:
     ...
@@ -65,13 +66,13 @@ class RecordData:
     self.cfg = cfg
     self.info = records.read_info(cfg.data.path)
 
-  def iterator(self, split, *, batch_size, shuffle, num_epochs, seed, drop_remainder=True):
+  def iterator(self, split, *, batch_size, shuffle, num_epochs, seed, drop_remainder=True, random_crop=None):
     from star_jax.data import pipeline
 
     return pipeline.make_iterator(
         self.cfg.data, split, batch_size=batch_size, audio_sample_rate_hz=self.cfg.vae.sample_rate_hz,
         seed=seed, shuffle=shuffle, num_epochs=num_epochs, process_index=jax.process_index(),
-        process_count=jax.process_count(), drop_remainder=drop_remainder)
+        process_count=jax.process_count(), drop_remainder=drop_remainder, random_crop=random_crop)
 
   def num_examples(self, split):
     splits = self.info["splits"]
