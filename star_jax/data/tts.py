@@ -47,7 +47,7 @@ class Voice:
 
 DEFAULT_VOICES = (
     Voice("en-us", 160, 50),
-    Voice("en-gb+f3", 150, 65),
+    Voice("en+f3", 150, 65),  # "en" is British English; espeak-ng ignores a variant after "en-gb"
     Voice("en-us+m3", 175, 40),
     Voice("en-gb-scotland", 140, 55),
     Voice("en-029+f2", 165, 72),

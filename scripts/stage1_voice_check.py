@@ -1,0 +1,79 @@
+"""Does a trained stage 1 hear the words or the voice? Its scores on voices it trained on and on the held-out one.
+
+  python scripts/stage1_voice_check.py outputs/demo/stage1 --data outputs/demo/data
+
+For the train split's single-event clips, the valid split (training voices, an unseen template) and the test
+split's single-event clips spoken by the held-out voice:
+  mAP          of the classifier head (the stage-1 objective)
+  token acc    nearest class mean of the bridge tokens (class means from the training clips' tokens), the
+               signal stage 2 conditions on; and the tokens' distance to their class mean (rms, per token value)
+A bridge that learned the voices rather than the words scores far lower on the held-out voice than on valid.
+"""
+
+import argparse
+
+import numpy as np
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("stage1", help="a stage-1 train workdir (its best/ is read)")
+  ap.add_argument("--data", required=True, help="the prepared corpus (star-jax prepare opensfx)")
+  ap.add_argument("--config", default="configs/star.py:tiny")
+  args = ap.parse_args()
+
+  import jax
+
+  from star_jax.config import load_config
+  from star_jax.demo import split_arrays
+  from star_jax.metrics.scores import mean_average_precision
+  from star_jax.models.bridge import Classifier, QFormer, QFormerConfig
+  from star_jax.models.hubert import Hubert
+  from star_jax.train import components
+  from star_jax.train.stage import RecordData
+
+  cfg = load_config(args.config, [f"data.path={args.data}"])
+  data = RecordData(cfg)
+  params = components.load_trained(args.stage1)[0]
+  hubert = Hubert(components.hubert_config(cfg))
+  bridge = QFormer(QFormerConfig(**cfg.qformer.to_dict()))
+  head = Classifier(len(data.label_names), dtype=cfg.qformer.dtype,
+                    cosine_scale=float(cfg.classifier.get("cosine_scale", 0.0)))
+
+  @jax.jit
+  def forward(p, speech, mask):
+    feats, fmask = hubert.apply({"params": p["hubert"]}, speech, mask)
+    tokens = bridge.apply({"params": p["bridge"]}, feats, fmask)
+    return tokens, jax.nn.sigmoid(head.apply({"params": p["classifier"]}, tokens))
+
+  def run(split, single_only, voice=None):
+    a = split_arrays(cfg, split, keys=("speech", "speech_mask", "labels", "id"))
+    keep = np.ones(len(a["id"]), bool)
+    if single_only:
+      keep &= a["labels"].sum(-1) == 1
+    if voice is not None:
+      keep &= np.array([voice in str(i) for i in a["id"]])
+    a = {k: v[keep] for k, v in a.items()}
+    outs = [forward(params, a["speech"][i:i + 32], a["speech_mask"][i:i + 32]) for i in range(0, len(a["id"]), 32)]
+    tokens = np.concatenate([np.asarray(t) for t, _ in outs]).reshape(len(a["id"]), -1)
+    probs = np.concatenate([np.asarray(p) for _, p in outs])
+    return tokens, probs, a["labels"]
+
+  from star_jax.data import opensfx
+  train = run("train", True)
+  cls = train[2].argmax(-1)
+  means = np.stack([train[0][cls == c].mean(0) if (cls == c).any() else np.full(train[0].shape[1], np.inf)
+                    for c in range(train[2].shape[1])])
+  print(f"{'split':34s} {'clips':>5s} {'mAP':>6s} {'token acc':>9s} {'rms to mean':>11s}")
+  for name, (tokens, probs, labels) in (
+      ("train (single events)", train), ("valid (training voices)", run("valid", True)),
+      (f"test, held-out voice {opensfx.TEST_VOICE.name}", run("test", True, opensfx.TEST_VOICE.tag))):
+    y = labels.argmax(-1)
+    d = ((tokens[:, None, :] - means[None]) ** 2).mean(-1)
+    acc = float((d.argmin(-1) == y).mean())
+    rms = float(np.sqrt(d[np.arange(len(y)), y].mean()))
+    print(f"{name:34s} {len(y):5d} {mean_average_precision(labels, probs):6.3f} {acc:9.3f} {rms:11.3f}")
+
+
+if __name__ == "__main__":
+  main()
