@@ -141,10 +141,26 @@ def degrade(wav_nt: np.ndarray, rate_hz: int, rng: np.random.Generator) -> np.nd
   return np.stack([np.roll(x, rng.integers(-shift, shift + 1)) for x in out]).astype(np.float32)
 
 
+def event_hits(evaluator: Evaluator, wav_nt: np.ndarray, labels_nc: np.ndarray) -> np.ndarray:
+  """(N,) bool: the evaluator's top-1 class of clip n is one of query n's events."""
+  top = evaluator.top1(wav_nt)
+  return labels_nc[np.arange(len(top)), top] > 0
+
+
 def event_accuracy(evaluator: Evaluator, wav_nt: np.ndarray, labels_nc: np.ndarray) -> float:
   """Fraction of clips whose evaluator top-1 class is one of the query's events."""
-  top = evaluator.top1(wav_nt)
-  return float(np.mean(labels_nc[np.arange(len(top)), top] > 0))
+  return float(np.mean(event_hits(evaluator, wav_nt, labels_nc)))
+
+
+def paired_test(hits: np.ndarray, baseline_hits: np.ndarray) -> dict:
+  """Does the spoken query beat a baseline on the same queries? An exact one-sided McNemar test: of the queries
+  where exactly one of the two clips holds the event, how many are the query's (binomial, p = 1/2 under the
+  null that the condition does not matter)."""
+  import scipy.stats
+
+  wins, losses = int(np.sum(hits & ~baseline_hits)), int(np.sum(~hits & baseline_hits))
+  p = scipy.stats.binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue if wins + losses else 1.0
+  return {"wins": wins, "losses": losses, "p_value": float(p)}
 
 
 def _spectrogram_png(path: str, real: np.ndarray, generated: np.ndarray, baseline: np.ndarray, rate_hz: int,
@@ -272,22 +288,28 @@ def run(args: argparse.Namespace) -> int:
   real_emb = evaluator.embed(test["audio"])
   labels = queries["labels"]
 
-  def score(wav_nt):
-    return {"accuracy": event_accuracy(evaluator, wav_nt, labels),
-            "accuracy_vae_aware": event_accuracy(vae_evaluator, wav_nt, labels),
+  hits = {}
+
+  def score(wav_nt, name):
+    hits[name] = (event_hits(evaluator, wav_nt, labels), event_hits(vae_evaluator, wav_nt, labels))
+    return {"accuracy": float(hits[name][0].mean()), "accuracy_vae_aware": float(hits[name][1].mean()),
+            "hits": int(hits[name][0].sum()), "hits_vae_aware": int(hits[name][1].sum()),
             "fd": frechet_distance(evaluator.embed(wav_nt), real_emb)}
 
-  scores = {"real test clips": score(queries["audio"])}
+  scores = {"real test clips": score(queries["audio"], "real")}
   # The evaluator judges events, not fidelity: the real clips low-passed at 4 kHz should still score high.
   lowpassed = scipy.signal.sosfiltfilt(scipy.signal.butter(6, 4000, fs=gen.sample_rate_hz, output="sos"),
                                        queries["audio"], axis=1).astype(np.float32)
-  scores["real test clips, low-passed at 4 kHz"] = score(lowpassed)
+  scores["real test clips, low-passed at 4 kHz"] = score(lowpassed, "lowpassed")
   # The ceiling of generation: the same real clips through the trained VAE alone.
   recon = np.concatenate([gen.reconstruct(queries["audio"][i:i + bs]) for i in range(0, len(speech), bs)])
-  scores["real clips through the VAE (ceiling)"] = score(recon)
+  scores["real clips through the VAE (ceiling)"] = score(recon, "recon")
   for kind, name in (("speech", "generated (spoken query)"), ("zero", "baseline: zero condition"),
                      ("random", "baseline: random condition")):
-    scores[name] = score(outputs[kind])
+    scores[name] = score(outputs[kind], kind)
+  # Is the query's gain over each baseline more than chance? Paired over the same queries, per evaluator.
+  significance = {f"{base} ({ev})": paired_test(hits["speech"][e], hits[base][e])
+                  for base in ("zero", "random") for e, ev in enumerate(("evaluator", "VAE-aware evaluator"))}
 
   # 6. Files: wavs, spectrograms, report.
   wav_dir = os.path.join(out_dir, "wavs")
@@ -306,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
   report = dict(config=args.config, devices=jax.device_count(), stages=stages, timings=timings,
                 stage1={"test_mAP": stage1_map, "chance_mAP": chance_map,
                         "best_valid": stages["stage1"]["best"]},
-                generation=scores, queries=len(queries["id"]), classes=len(data.label_names),
+                generation=scores, significance=significance, queries=len(queries["id"]), classes=len(data.label_names),
                 evaluator_train_clips=len(train["id"]))
   with open(os.path.join(out_dir, "report.json"), "w") as f:
     json.dump(report, f, indent=2, default=float)
@@ -365,11 +387,17 @@ def _report_md(r: dict, queries: dict, pngs: list[str], out_dir: str) -> str:
       "", "The second accuracy column is an evaluator trained on the same clips and also on the VAE's "
       "reconstructions of them: it judges the event as the VAE renders it (every generated clip is a VAE decode).",
       "", "| audio | event accuracy | event accuracy, VAE-aware evaluator | FD to real |", "|---|---|---|---|",
-      *[f"| {name} | {v['accuracy']:.3f} | {v['accuracy_vae_aware']:.3f} | {v['fd']:.2f} |"
-        for name, v in r["generation"].items()],
+      *[f"| {name} | {v['accuracy']:.3f} ({v['hits']}) | {v['accuracy_vae_aware']:.3f} ({v['hits_vae_aware']}) "
+        f"| {v['fd']:.2f} |" for name, v in r["generation"].items()],
       "", "The baselines are the same model and sampler with the bridge tokens replaced by zeros or by "
       "Gaussian noise of the same mean and scale, so the gap to them is what the spoken query contributes. "
-      "The VAE row encodes and decodes the real clips: no generated clip can score better than it.",
+      "The VAE row encodes and decodes the real clips: no generated clip can score better than it. "
+      "In brackets: how many of the clips hold their query's event.",
+      "", "Spoken query against each baseline, paired over the same queries (exact one-sided McNemar test: "
+      "among the queries where exactly one of the two clips holds the event, how often it is the query's; "
+      "p is the chance of at least that many if the condition did not matter):", "",
+      "| against | query only | baseline only | p |", "|---|---|---|---|",
+      *[f"| {name} | {v['wins']} | {v['losses']} | {v['p_value']:.2g} |" for name, v in r["significance"].items()],
       "", "## Examples (real clip | generated | zero condition)", "",
   ]
   lines += [f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})" for p in pngs]

@@ -7,7 +7,7 @@ import pytest
 
 from star_jax.config import load_config
 from star_jax.data import records
-from star_jax.demo import Evaluator, degrade, event_accuracy, split_arrays, spread
+from star_jax.demo import Evaluator, _report_md, degrade, event_accuracy, paired_test, split_arrays, spread
 from star_jax.errors import UserError
 
 RATE = 16000
@@ -95,3 +95,25 @@ def test_split_arrays_reads_a_split_in_order_and_names_missing_cached_fields(tmp
   assert list(spread(out, 5)["id"]) == list(spread(out, 9)["id"]) == list(out["id"])
   with pytest.raises(UserError, match="no hubert, latents.*prepare cache"):
     split_arrays(cfg, "train", keys=("labels", "latents", "hubert"))
+
+
+def test_paired_test_counts_discordant_queries_and_gives_the_exact_binomial_tail():
+  query = np.array([True] * 13 + [False] * 2 + [True] * 5 + [False] * 80)
+  base = np.array([False] * 13 + [True] * 2 + [True] * 5 + [False] * 80)
+  r = paired_test(query, base)
+  assert (r["wins"], r["losses"]) == (13, 2)
+  assert r["p_value"] == pytest.approx((105 + 15 + 1) / 2 ** 15)  # P(X >= 13), X ~ Binomial(15, 1/2)
+  assert paired_test(base, query)["p_value"] > 0.99  # the other way round: no evidence
+  assert paired_test(query & base, query & base) == {"wins": 0, "losses": 0, "p_value": 1.0}
+
+
+def test_report_shows_counts_and_the_paired_tests():
+  row = {"accuracy": 0.05, "accuracy_vae_aware": 0.1, "hits": 13, "hits_vae_aware": 26, "fd": 12.5}
+  report = {"config": "configs/star.py:tiny", "devices": 1, "classes": 63, "queries": 261,
+            "timings": {"corpus_s": 15.0}, "stages": {"vae": {"status": "done", "step": 500, "seconds": 209.0}},
+            "stage1": {"test_mAP": 0.5, "chance_mAP": 0.04, "best_valid": {"step": 10, "mAP": 0.7}},
+            "evaluator_train_clips": 1044, "generation": {"generated (spoken query)": row},
+            "significance": {"random (evaluator)": {"wins": 13, "losses": 2, "p_value": 0.0037}}}
+  md = _report_md(report, {}, [], "/tmp")
+  assert "| generated (spoken query) | 0.050 (13) | 0.100 (26) | 12.50 |" in md
+  assert "| random (evaluator) | 13 | 2 | 0.0037 |" in md
