@@ -2,7 +2,7 @@
 
   python scripts/stage1_voice_check.py outputs/demo/stage1 --data outputs/demo/data
 
-For the train split's single-event clips, the valid split (training voices, an unseen template) and the test
+For the train split's single-event clips, the valid split (voices of the training pool, an unseen template) and the test
 split's single-event clips spoken by the held-out voice:
   mAP          of the classifier head (the stage-1 objective)
   token acc    nearest class mean of the bridge tokens (class means from the training clips' tokens), the
@@ -66,7 +66,7 @@ def main():
                     for c in range(train[2].shape[1])])
   print(f"{'split':34s} {'clips':>5s} {'mAP':>6s} {'token acc':>9s} {'rms to mean':>11s}")
   for name, (tokens, probs, labels) in (
-      ("train (single events)", train), ("valid (training voices)", run("valid", True)),
+      ("train (single events)", train), ("valid (pool voices, new template)", run("valid", True)),
       (f"test, held-out voice {opensfx.TEST_VOICE.name}", run("test", True, opensfx.TEST_VOICE.tag))):
     y = labels.argmax(-1)
     d = ((tokens[:, None, :] - means[None]) ** 2).mean(-1)

@@ -1,6 +1,6 @@
 """Train a tiny STAR on the built-in OpenSFX corpus on CPU and speak-to-sound end to end.
 
-  star-jax demo --workdir outputs/demo          (what `make demo` runs; about 25 minutes on 2 cores)
+  star-jax demo --workdir outputs/demo          (what `make demo` runs; 12-25 minutes on 2 cores)
 
 Builds the corpus, trains vae -> stage1 -> stage2 on the tiny config, exports a bundle, generates audio
 for the held-out spoken test queries (a voice never heard in training, and unseen mixtures), and writes
@@ -327,7 +327,8 @@ def run(args: argparse.Namespace) -> int:
   timings["total_s"] = round(time.time() - t0, 1)
   report = dict(config=args.config, devices=jax.device_count(), stages=stages, timings=timings,
                 stage1={"test_mAP": stage1_map, "chance_mAP": chance_map,
-                        "best_valid": stages["stage1"]["best"]},
+                        "best_valid": stages["stage1"]["best"],
+                        "checkpoint": "best validation epoch" if cfg.stage1.get("keep_best", True) else "last epoch"},
                 generation=scores, significance=significance, queries=len(queries["id"]), classes=len(data.label_names),
                 evaluator_train_clips=len(train["id"]))
   with open(os.path.join(out_dir, "report.json"), "w") as f:
@@ -378,6 +379,8 @@ def _report_md(r: dict, queries: dict, pngs: list[str], out_dir: str) -> str:
   ]
   if s1.get("best_valid"):
     lines.append(f"| valid (best epoch, step {s1['best_valid']['step']}) | {s1['best_valid']['mAP']:.3f} | |")
+  if s1.get("checkpoint"):
+    lines += ["", f"The test row and stage 2 use the {s1['checkpoint']}'s checkpoint (`stage1.keep_best`)."]
   lines += [
       "", "## Stage 2: generation from spoken queries", "",
       f"Scored by an evaluator classifier (log-mel statistics -> MLP) trained on the {r['evaluator_train_clips']} "

@@ -111,9 +111,11 @@ def test_report_shows_counts_and_the_paired_tests():
   row = {"accuracy": 0.05, "accuracy_vae_aware": 0.1, "hits": 13, "hits_vae_aware": 26, "fd": 12.5}
   report = {"config": "configs/star.py:tiny", "devices": 1, "classes": 63, "queries": 261,
             "timings": {"corpus_s": 15.0}, "stages": {"vae": {"status": "done", "step": 500, "seconds": 209.0}},
-            "stage1": {"test_mAP": 0.5, "chance_mAP": 0.04, "best_valid": {"step": 10, "mAP": 0.7}},
+            "stage1": {"test_mAP": 0.5, "chance_mAP": 0.04, "best_valid": {"step": 10, "mAP": 0.7},
+                       "checkpoint": "last epoch"},
             "evaluator_train_clips": 1044, "generation": {"generated (spoken query)": row},
             "significance": {"random (evaluator)": {"wins": 13, "losses": 2, "p_value": 0.0037}}}
   md = _report_md(report, {}, [], "/tmp")
   assert "| generated (spoken query) | 0.050 (13) | 0.100 (26) | 12.50 |" in md
   assert "| random (evaluator) | 13 | 2 | 0.0037 |" in md
+  assert "use the last epoch's checkpoint" in md

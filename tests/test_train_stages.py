@@ -1,5 +1,6 @@
 """Each stage's real step on the tiny config (random records), and stage 2 sharded == single device."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -34,7 +35,10 @@ def test_three_steps(name, tmp_path, mesh1):
   if name == "stage1":
     val = read_metrics(str(tmp_path), "val")
     assert len(val) == 3 and all(0.0 <= r["mAP"] <= 1.0 for r in val)
-    assert (tmp_path / "best" / "params").is_dir()
+    # tiny: `stage1.keep_best=False`: the best epoch is recorded but not written, so loaders read the last one.
+    assert not cfg.stage1.keep_best and res.best is not None and not (tmp_path / "best").exists()
+    from star_jax.train import components
+    assert components.load_trained(str(tmp_path))[1] == "stage1"
   if name == "stage2":
     # tiny: `stage2.train_projection=False` keeps stage 1's tokens as they are (the paper trains the bridge's
     # last projection too), and the loop reads the training split with the stage's own `random_crop` (False).
@@ -43,6 +47,28 @@ def test_three_steps(name, tmp_path, mesh1):
     state, _ = checkpoint.TrainCheckpointer(str(tmp_path / "checkpoints")).restore_numpy()
     assert not state["params"]["bridge"] and "projection" in state["frozen"]["bridge"]
     assert data.random_crops == [("train", False)]
+
+
+def test_stage1_keeps_the_best_epoch_and_stops_after_patience(tmp_path, mesh1):
+  import dataclasses
+
+  from star_jax.train import components
+  cfg = _cfg("stage1", "stage1.max_epochs=6", "stage1.patience_epochs=2", "stage1.keep_best=True")
+  data = RandomRecords(cfg, n=8)  # one step per epoch
+  stage = build_stage(cfg, "stage1", data)
+  scores = iter([0.3, 0.5, 0.4, 0.45, 0.9, 0.9])  # best at epoch 2; epochs 3 and 4 do not beat it
+  seen = {}
+
+  def evaluate(state, data, mesh):
+    seen[int(state.step)] = jax.tree.map(np.asarray, state.params)
+    return {"score": next(scores)}
+
+  res = loop.train(cfg, dataclasses.replace(stage, evaluate=evaluate), str(tmp_path), data, mesh=mesh1,
+                   progress=False)
+  assert res.status == "early_stopped" and res.step == 4 and res.best["step"] == 2
+  best, _ = components.load_trained(str(tmp_path))  # best/ wins over the later checkpoints
+  for a, b in zip(jax.tree.leaves(best["bridge"]), jax.tree.leaves(seen[2]["bridge"])):
+    np.testing.assert_array_equal(a, b)
 
 
 # The 2x2x2 case once failed: with kernels split over `fsdp` on their input axis while the batch was too,

@@ -163,6 +163,7 @@ def train(cfg: Any, stage: Stage, workdir: str, data: Data, *, mesh: jax.shardin
   best = meta.get("best")
   evals_since_best = int(meta.get("evals_since_best", 0))
   patience = int(hp.get("patience_epochs", 0) or 0)
+  keep_best = bool(hp.get("keep_best", True))  # write the best evaluation's params to best/ (what loaders prefer)
   pending: list[tuple[int, dict]] = []
   last_metrics: dict = {}
   skipped = int(meta.get("skipped_steps", 0))
@@ -228,9 +229,10 @@ def train(cfg: Any, stage: Stage, workdir: str, data: Data, *, mesh: jax.shardin
           writer.write(done, {**result, "epoch": done // steps_per_epoch}, split="val")
           if best is None or result["score"] > best["score"]:
             best, evals_since_best = {**result, "step": done}, 0
-            checkpoint.save_params(os.path.join(workdir, "best"),
-                                   {"params": state.params, "frozen": state.frozen},
-                                   cfg, kind=stage.name)
+            if keep_best:
+              checkpoint.save_params(os.path.join(workdir, "best"),
+                                     {"params": state.params, "frozen": state.frozen},
+                                     cfg, kind=stage.name)
           else:
             evals_since_best += 1
           bar.write(f"{stage.name} epoch {done // steps_per_epoch}: "
