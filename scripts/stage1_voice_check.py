@@ -17,34 +17,21 @@ import numpy as np
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("stage1", help="a stage-1 train workdir (its best/ is read)")
+  ap.add_argument("stage1", help="a stage-1 train workdir (its best/ if it has one, else its last checkpoint)")
   ap.add_argument("--data", required=True, help="the prepared corpus (star-jax prepare opensfx)")
   ap.add_argument("--config", default="configs/star.py:tiny")
   args = ap.parse_args()
 
-  import jax
-
   from star_jax.config import load_config
+  from star_jax.data import opensfx
   from star_jax.demo import split_arrays
   from star_jax.metrics.scores import mean_average_precision
-  from star_jax.models.bridge import Classifier, QFormer, QFormerConfig
-  from star_jax.models.hubert import Hubert
-  from star_jax.train import components
+  from star_jax.train import components, stage1
   from star_jax.train.stage import RecordData
 
   cfg = load_config(args.config, [f"data.path={args.data}"])
-  data = RecordData(cfg)
+  num_classes = len(RecordData(cfg).label_names)
   params = components.load_trained(args.stage1)[0]
-  hubert = Hubert(components.hubert_config(cfg))
-  bridge = QFormer(QFormerConfig(**cfg.qformer.to_dict()))
-  head = Classifier(len(data.label_names), dtype=cfg.qformer.dtype,
-                    cosine_scale=float(cfg.classifier.get("cosine_scale", 0.0)))
-
-  @jax.jit
-  def forward(p, speech, mask):
-    feats, fmask = hubert.apply({"params": p["hubert"]}, speech, mask)
-    tokens = bridge.apply({"params": p["bridge"]}, feats, fmask)
-    return tokens, jax.nn.sigmoid(head.apply({"params": p["classifier"]}, tokens))
 
   def run(split, single_only, voice=None):
     a = split_arrays(cfg, split, keys=("speech", "speech_mask", "labels", "id"))
@@ -54,12 +41,10 @@ def main():
     if voice is not None:
       keep &= np.array([voice in str(i) for i in a["id"]])
     a = {k: v[keep] for k, v in a.items()}
-    outs = [forward(params, a["speech"][i:i + 32], a["speech_mask"][i:i + 32]) for i in range(0, len(a["id"]), 32)]
-    tokens = np.concatenate([np.asarray(t) for t, _ in outs]).reshape(len(a["id"]), -1)
-    probs = np.concatenate([np.asarray(p) for _, p in outs])
+    tokens, probs = stage1.classify(cfg, params, a["speech"], a["speech_mask"], num_classes)
+    tokens = tokens.reshape(len(tokens), -1)
     return tokens, probs, a["labels"]
 
-  from star_jax.data import opensfx
   train = run("train", True)
   cls = train[2].argmax(-1)
   means = np.stack([train[0][cls == c].mean(0) if (cls == c).any() else np.full(train[0].shape[1], np.inf)

@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
   from star_jax.export import export_bundle
   from star_jax.generate import Generator, write_wav
   from star_jax.metrics.scores import frechet_distance, mean_average_precision
-  from star_jax.train import components
+  from star_jax.train import components, stage1
   from star_jax.train.cli import setup_logging
 
   setup_logging()
@@ -252,7 +252,9 @@ def run(args: argparse.Namespace) -> int:
   data = RecordData(cfg)
   test = split_arrays(cfg, "test")
   s1 = components.load_trained(os.path.join(work, "stage1"))[0]
-  stage1_map = _stage1_map(cfg, data, s1, test)
+  # The checkpoint stage 2 read (stage 1's best/ with `stage1.keep_best`, else its last).
+  stage1_map = mean_average_precision(
+      test["labels"], stage1.classify(cfg, s1, test["speech"], test["speech_mask"], len(data.label_names))[1])
   rng = np.random.default_rng(0)
   chance_map = float(np.mean([mean_average_precision(test["labels"], rng.random(test["labels"].shape))
                               for _ in range(10)]))
@@ -337,29 +339,6 @@ def run(args: argparse.Namespace) -> int:
     f.write(_report_md(report, queries, pngs, out_dir))
   _say(f"done in {timings['total_s'] / 60:.1f} min: {os.path.join(out_dir, 'report.md')}")
   return 0
-
-
-def _stage1_map(cfg, data, parts: dict, test: dict) -> float:
-  """mAP of the trained stage-1 model (best validation checkpoint) on the test split."""
-  import jax
-  from star_jax.metrics.scores import mean_average_precision
-  from star_jax.models.bridge import Classifier, QFormer, QFormerConfig
-  from star_jax.models.hubert import Hubert
-  from star_jax.train import components
-
-  hubert = Hubert(components.hubert_config(cfg))
-  bridge = QFormer(QFormerConfig(**cfg.qformer.to_dict()))
-  head = Classifier(len(data.label_names), dtype=cfg.qformer.dtype,
-                    cosine_scale=float(cfg.classifier.get("cosine_scale", 0.0)))
-
-  @jax.jit
-  def probs(p, speech, mask):
-    feats, fmask = hubert.apply({"params": p["hubert"]}, speech, mask)
-    return jax.nn.sigmoid(head.apply({"params": p["classifier"]}, bridge.apply({"params": p["bridge"]}, feats, fmask)))
-
-  out = [np.asarray(probs(parts, test["speech"][i:i + 32], test["speech_mask"][i:i + 32]))
-         for i in range(0, len(test["speech"]), 32)]
-  return mean_average_precision(test["labels"], np.concatenate(out))
 
 
 def _report_md(r: dict, queries: dict, pngs: list[str], out_dir: str) -> str:

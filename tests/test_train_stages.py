@@ -37,8 +37,18 @@ def test_three_steps(name, tmp_path, mesh1):
     assert len(val) == 3 and all(0.0 <= r["mAP"] <= 1.0 for r in val)
     # tiny: `stage1.keep_best=False`: the best epoch is recorded but not written, so loaders read the last one.
     assert not cfg.stage1.keep_best and res.best is not None and not (tmp_path / "best").exists()
-    from star_jax.train import components
-    assert components.load_trained(str(tmp_path))[1] == "stage1"
+    from star_jax.metrics.scores import mean_average_precision
+    from star_jax.train import components, stage1
+    parts, kind = components.load_trained(str(tmp_path))
+    assert kind == "stage1"
+    # stage1.classify (the demo's test mAP, scripts/stage1_voice_check.py) is the model the last validation ran;
+    # batches of 5 leave a padded last batch.
+    ex = data.examples
+    _, probs = stage1.classify(cfg, parts, np.stack([e["speech"] for e in ex]),
+                               np.stack([e["speech_mask"] for e in ex]), len(data.label_names), batch_size=5)
+    assert probs.shape == (len(ex), len(data.label_names))
+    assert mean_average_precision(np.stack([e["labels"] for e in ex]), probs) == pytest.approx(val[-1]["mAP"],
+                                                                                              abs=1e-6)
   if name == "stage2":
     # tiny: `stage2.train_projection=False` keeps stage 1's tokens as they are (the paper trains the bridge's
     # last projection too), and the loop reads the training split with the stage's own `random_crop` (False).

@@ -15,16 +15,41 @@ from star_jax.train import components
 from star_jax.train.stage import Stage
 
 
-def build(cfg, data=None) -> Stage:
+def _modules(cfg, num_classes: int):
+  """Stage 1's modules: HuBERT, the bridge and the classifier head."""
   from star_jax.models.bridge import Classifier
   from star_jax.models.hubert import Hubert
 
-  hp = cfg.stage1
-  hubert = Hubert(components.hubert_config(cfg))
-  bridge = components.bridge_module(cfg)
-  head = Classifier(components.num_classes(cfg, data), dtype=cfg.qformer.dtype,
-                    prior_prob=float(cfg.classifier.get("prior_prob", 0.0)),
+  head = Classifier(num_classes, dtype=cfg.qformer.dtype, prior_prob=float(cfg.classifier.get("prior_prob", 0.0)),
                     cosine_scale=float(cfg.classifier.get("cosine_scale", 0.0)))
+  return Hubert(components.hubert_config(cfg)), components.bridge_module(cfg), head
+
+
+def classify(cfg, parts: dict, speech_nt: np.ndarray, mask_nt: np.ndarray, num_classes: int,
+             batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+  """A trained stage 1 (`components.load_trained` parts: hubert, bridge, classifier) on host waveforms, in
+  batches of one shape: (bridge tokens (N, Q, D), class probabilities (N, C)) as numpy."""
+  hubert, bridge, head = _modules(cfg, num_classes)
+
+  @jax.jit
+  def forward(p, speech, mask):
+    feats, fmask = hubert.apply({"params": p["hubert"]}, speech, mask)
+    tokens = bridge.apply({"params": p["bridge"]}, feats, fmask)
+    return tokens, jax.nn.sigmoid(head.apply({"params": p["classifier"]}, tokens))
+
+  p = {k: parts[k] for k in ("hubert", "bridge", "classifier")}
+  tokens, probs = [], []
+  for i in range(0, len(speech_nt), batch_size):
+    n = len(speech_nt[i:i + batch_size])
+    t, pr = forward(p, _pad(speech_nt[i:i + batch_size], batch_size), _pad(mask_nt[i:i + batch_size], batch_size))
+    tokens.append(np.asarray(t)[:n])
+    probs.append(np.asarray(pr)[:n])
+  return np.concatenate(tokens), np.concatenate(probs)
+
+
+def build(cfg, data=None) -> Stage:
+  hp = cfg.stage1
+  hubert, bridge, head = _modules(cfg, components.num_classes(cfg, data))
   train_hubert = bool(hp.train_hubert)
 
   def init(rng):
