@@ -23,7 +23,7 @@ system-deps:
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[torch,test]'
+	$(BIN)/pip install -q -e '.[torch,test,demo]'
 	touch $(STAMP)
 
 demo: setup

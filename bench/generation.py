@@ -22,33 +22,10 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from bench.common import best_time, flops_of, matmul_peak  # noqa: E402
 from star_jax import flow  # noqa: E402
 from star_jax.config import load_config  # noqa: E402
 from star_jax.models.dit import DiT, DiTConfig  # noqa: E402
-
-
-
-def best_time(fn, *args, reps: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return min(times)
-
-
-def flops_of(compiled) -> float:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", 0.0))
-
-
-def matmul_peak(dtype, n: int = 2048, reps: int = 5) -> float:
-  """FLOP/s of an n^3 matmul with `dtype` inputs and an f32 accumulator."""
-  a = jax.random.normal(jax.random.key(0), (n, n)).astype(dtype)
-  f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
-  return 2 * n ** 3 / best_time(f, a, a, reps=reps)
 
 
 def vae_decode_bench(dtype: str, frames: int, reps: int):

@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench.common import median_time  # noqa: E402
 from star_jax.convert import hubert as convert_hubert  # noqa: E402
 from star_jax.convert import qformer as convert_qformer  # noqa: E402
 from star_jax.models.bridge import QFormer  # noqa: E402
@@ -41,17 +40,6 @@ SIZES = {
                               cross_attention_frequency=2, encoder_hidden_size=64),
                  queries=8, output=64),
 }
-
-
-def median_time(fn, repeats: int, warmup: int = 2) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def build_torch(size: dict):
@@ -101,14 +89,14 @@ def main() -> int:
 
     wav_j = jnp.asarray(wav)
     ours_out = np.asarray(ours(params, wav_j), np.float32)
-    t_ours = median_time(lambda: ours(params, wav_j).block_until_ready(), args.repeats)
+    t_ours = median_time(lambda: ours(params, wav_j).block_until_ready(), args.repeats, warmup=2)
 
     tdt = torch.float32 if dtype == "float32" else torch.bfloat16
     mods = [m.to(tdt) for m in (t_hubert, t_qformer, t_proj)]
     wav_t, q_t = torch.from_numpy(wav).to(tdt), t_queries.to(tdt)
     with torch.inference_mode():
       ref = torch_forward(*mods[:2], q_t, mods[2], wav_t).float().numpy()
-      t_torch = median_time(lambda: torch_forward(*mods[:2], q_t, mods[2], wav_t), args.repeats)
+      t_torch = median_time(lambda: torch_forward(*mods[:2], q_t, mods[2], wav_t), args.repeats, warmup=2)
     diff = float(np.abs(ours_out - ref).max() / (np.abs(ref).max() + 1e-12))
     rows.append((dtype, t_ours, t_torch, t_ours / t_torch, diff))
     del params

@@ -24,32 +24,19 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from star_jax import checkpoint, sharding  # noqa: E402
+from bench.common import flops_of, machine_line, matmul_peak  # noqa: E402
+from star_jax import sharding  # noqa: E402
 from star_jax.config import load_config  # noqa: E402
-from star_jax.train import components, stage2  # noqa: E402
+from star_jax.constants import FRAME_RATE_HZ  # noqa: E402
+from star_jax.models import build  # noqa: E402
+from star_jax.train import stage2  # noqa: E402
 from star_jax.train import state as state_lib  # noqa: E402
 
-FRAME_RATE_HZ = 50  # HuBERT frames and VAE latents per second (DESIGN.md §2)
 PAPER_FRAMES = 500  # 10-s clips (DESIGN.md §2)
 DTYPE_SECTIONS = ("hubert", "qformer", "dit", "vae")
-
-
-def matmul_peak(dtype: str, n: int = 2048, reps: int = 5) -> float:
-  """Best FLOP/s of an n^3 matmul with `dtype` inputs and an f32 accumulator."""
-  a = jax.random.normal(jax.random.key(0), (n, n)).astype(dtype)
-  f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32)).lower(a, a).compile()
-  jax.block_until_ready(f(a, a))
-  best = float("inf")
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(a, a))
-    best = min(best, time.perf_counter() - t0)
-  return 2 * n ** 3 / best
 
 
 def make_config(variant: str, dtype: str, overrides: list[str]):
@@ -68,15 +55,9 @@ def make_batch(cfg, batch: int, frames: int, inputs: str) -> dict:
             "latents": rng.standard_normal((batch, frames, cfg.vae.latent_channels), np.float32),
             "latents_mask": np.ones((batch, frames), bool)}
   ts = int(round(speech_s * cfg.data.speech_sample_rate_hz))
-  ta = frames * components.vae_hop(cfg)
+  ta = frames * build.vae_hop(cfg)
   return {"speech": 0.1 * rng.standard_normal((batch, ts), np.float32), "speech_mask": np.ones((batch, ts), bool),
           "audio": 0.1 * rng.standard_normal((batch, ta), np.float32), "audio_mask": np.ones((batch, ta), bool)}
-
-
-def flops_of(compiled) -> float:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float((cost or {}).get("flops", float("nan")))
 
 
 def bench_step(variant: str, dtype: str, batch: int, frames: int, inputs: str, steps: int, warmup: int,
@@ -93,18 +74,13 @@ def bench_step(variant: str, dtype: str, batch: int, frames: int, inputs: str, s
   ema = float(stage.hparams.get("ema_decay", 0.0) or 0.0)
   shapes, shardings = state_lib.state_layout(stage.init, tx, mesh, rules, init_rng, ema > 0)
   host_batch = make_batch(cfg, batch, frames, inputs)
-  batch_shardings = {k: sharding.batch_sharding(mesh) for k in host_batch}
-  batch_shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k])
-                  for k, v in host_batch.items()}
+  # The loop's own step signature (star_jax/train/state.py): in/out shardings, state donated.
+  signature = state_lib.train_step_with_signature(
+      stage.loss, stage.hparams, cfg.train.nan_policy, tx, schedule, shapes, shardings,
+      {k: (v.shape, v.dtype) for k, v in host_batch.items()}, mesh)
   replicated = sharding.replicated(mesh)
-  # Compiled as star_jax/train/loop.py compiles it: in/out shardings, state donated.
-  step_fn = state_lib.make_train_step(stage.loss, tx, schedule, ema, cfg.train.nan_policy == "skip")
-  jitted = jax.jit(step_fn, in_shardings=(shardings, batch_shardings, replicated),
-                   out_shardings=(shardings, replicated), donate_argnums=0)
   t0 = time.perf_counter()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    compiled = jitted.lower(checkpoint.abstract_tree(shapes, shardings), batch_shapes,
-                            jax.ShapeDtypeStruct(step_rng.shape, step_rng.dtype, sharding=replicated)).compile()
+  compiled = signature.compile(mesh, rules)
   compile_s = time.perf_counter() - t0
   flops = flops_of(compiled)
   state = state_lib.init_state(stage.init, tx, mesh, rules, init_rng, shardings)
@@ -166,8 +142,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
 
   load = os.getloadavg()
-  print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {jax.devices()[0].platform} x "
-        f"{jax.device_count()}, jax {jax.__version__}; load average {load[0]:.1f} at start", flush=True)
+  print(machine_line() + " at start", flush=True)
   rows = []
   for variant in args.configs.split(","):
     base = load_config(f"configs/star.py:{variant}", args.set)

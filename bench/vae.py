@@ -14,36 +14,21 @@ import argparse
 import dataclasses
 import os
 import platform
-import statistics
-import time
+import sys
 from functools import partial
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # star_jax and bench
 
-from star_jax.convert.vae import from_torch
-from star_jax.models.vae import OobleckVAE
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.common import matmul_peak, median_time  # noqa: E402
+from star_jax.convert.vae import from_torch  # noqa: E402
+from star_jax.models.vae import OobleckVAE  # noqa: E402
 
 PAPER = dict(encoder_hidden_size=128, decoder_channels=128, decoder_input_channels=128, audio_channels=1,
              channel_multiples=[1, 2, 4, 8], downsampling_ratios=[2, 4, 6, 10], sampling_rate=24000)
-
-
-def median_time(fn, runs: int) -> float:
-  fn()  # warm-up (and compile)
-  times = []
-  for _ in range(runs):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
-
-
-def matmul_peak(dtype, runs: int, n: int = 2048) -> float:
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.float32))
-  t = median_time(lambda: f(a, a).block_until_ready(), runs)
-  return 2 * n ** 3 / t
 
 
 def main() -> None:
@@ -71,7 +56,7 @@ def main() -> None:
   print(f"# Oobleck VAE, {args.seconds:g} s at {cfg.sample_rate_hz} Hz ({num_latents} latents), batch 1; "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, "
         f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
-  peaks = {d: matmul_peak(jnp.dtype(d), args.runs) for d in args.dtype.split(",")}
+  peaks = {d: matmul_peak(jnp.dtype(d), reps=args.runs) for d in args.dtype.split(",")}
   print("| what | dtype | ours (s) | PyTorch (s) | ours / PyTorch | GFLOP | ours GFLOP/s | matmul peak GFLOP/s |")
   print("|---|---|---|---|---|---|---|---|")
   for what in args.what.split(","):

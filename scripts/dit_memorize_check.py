@@ -45,7 +45,7 @@ def main():
   from star_jax.config import load_config
   from star_jax.demo import split_arrays
   from star_jax.models.dit import DiT
-  from star_jax.train import components
+  from star_jax.models import build
 
   cfg = load_config(args.config, [f"data.path={args.data}", *args.set])
   cfg.data.sample_latents = False  # the posterior means
@@ -61,7 +61,7 @@ def main():
   classes = data["labels"][chosen].argmax(1)
   x = jnp.asarray(data["latents"][chosen])
   x = x / x.std()
-  dit_cfg = components.dit_config(cfg)
+  dit_cfg = build.dit_config(cfg)
   if args.tokens == "onehot":
     if data["labels"].shape[1] > dit_cfg.context_dim:
       raise SystemExit(f"one-hot tokens need {data['labels'].shape[1]} dims; the DiT's context is "
@@ -90,7 +90,7 @@ def main():
     k_idx, k_loss = jax.random.split(key)
     idx = jax.random.randint(k_idx, (args.batch_size,), 0, k)
     loss, g = jax.value_and_grad(lambda p: flow.flow_matching_loss(
-        dit.apply, {"params": p}, x[idx], tokens[idx], k_loss, **components.flow_loss_options(cfg)))(p)
+        dit.apply, {"params": p}, x[idx], tokens[idx], k_loss, **build.flow_loss_options(cfg)))(p)
     updates, o = opt.update(g, o, p)
     return optax.apply_updates(p, updates), o, loss
 

@@ -26,12 +26,13 @@ def main():
   from star_jax.data import opensfx
   from star_jax.demo import split_arrays
   from star_jax.metrics.scores import mean_average_precision
-  from star_jax.train import components, stage1
+  from star_jax import trained
+  from star_jax.train import stage1
   from star_jax.train.stage import RecordData
 
   cfg = load_config(args.config, [f"data.path={args.data}"])
   num_classes = len(RecordData(cfg).label_names)
-  params = components.load_trained(args.stage1)[0]
+  params = trained.load_trained(args.stage1)[0]
 
   def run(split, single_only, voice=None):
     a = split_arrays(cfg, split, keys=("speech", "speech_mask", "labels", "id"))

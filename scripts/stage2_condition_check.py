@@ -32,14 +32,14 @@ def main():
   from star_jax import flow
   from star_jax.demo import split_arrays
   from star_jax.generate import Generator
-  from star_jax.train import components
+  from star_jax.models import build
 
   gen = Generator(os.path.join(args.workdir, "bundle"))
   cfg = gen.cfg
   cfg.data.path = os.path.join(args.workdir, "data")
   cfg.data.sample_latents = False  # the posterior means
   data = split_arrays(cfg, "train", keys=("latents", "labels", "hubert", "hubert_mask"))
-  x0 = data["latents"] * components.latent_scale(cfg)  # the DiT's space
+  x0 = data["latents"] * build.latent_scale(cfg)  # the DiT's space
   tokens = gen.tokens_from_features(data["hubert"], data["hubert_mask"])
   dit = lambda x, t, c: gen.dit.apply({"params": gen.params["dit"]}, x, t, c)
 

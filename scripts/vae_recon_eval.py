@@ -29,7 +29,9 @@ def main():
   from star_jax.config import load_config
   from star_jax.metrics.scores import frechet_distance
   from star_jax.models.vae import OobleckVAE
-  from star_jax.train import components, loop
+  from star_jax import trained
+  from star_jax.models import build
+  from star_jax.train import loop
   from star_jax.train.stage import RecordData, build_stage
   from star_jax.train.vae import fit_length
 
@@ -39,8 +41,8 @@ def main():
   res = loop.train(cfg, build_stage(cfg, "vae", data), args.workdir, data)
   print(f"vae: {res.status} at step {res.step} in {time.time() - start:.0f} s")
 
-  vae = OobleckVAE(components.vae_config(cfg))
-  params = components.load_trained(args.workdir)[0]["vae"]
+  vae = OobleckVAE(build.vae_config(cfg))
+  params = trained.load_trained(args.workdir)[0]["vae"]
   recon_fn = jax.jit(lambda p, x: fit_length(vae.apply({"params": p}, x, None)[0], x.shape[1]))
   queries = demo.split_arrays(cfg, "test", args.queries)
   audio, labels = queries["audio"], queries["labels"]

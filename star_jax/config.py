@@ -38,9 +38,32 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 
 def _check_consistent(cfg: ml_collections.ConfigDict, spec: str) -> None:
   """Values that must agree across sections (an override of one alone would fail deep inside a stage)."""
-  if "dit" in cfg and "vae" in cfg and cfg.dit.latent_channels != cfg.vae.latent_channels:
+  if not {"dit", "vae", "hubert", "bridge", "qformer", "mlp_bridge", "data"} <= set(cfg.keys()):
+    return  # not a STAR pipeline config
+  if cfg.dit.latent_channels != cfg.vae.latent_channels:
     raise UserError(f"{spec}: dit.latent_channels={cfg.dit.latent_channels} but vae.latent_channels="
                     f"{cfg.vae.latent_channels}: the DiT generates the VAE's latents; set both")
+  kind = cfg.bridge.kind
+  if kind not in ("qformer", "mlp"):
+    raise UserError(f"{spec}: bridge.kind '{kind}': choose 'qformer' or 'mlp'")
+  section = cfg.qformer if kind == "qformer" else cfg.mlp_bridge
+  width_in = section.encoder_hidden_size if kind == "qformer" else section.input_size
+  if width_in != cfg.hubert.hidden_size:
+    name = "qformer.encoder_hidden_size" if kind == "qformer" else "mlp_bridge.input_size"
+    raise UserError(f"{spec}: {name}={width_in} but hubert.hidden_size={cfg.hubert.hidden_size}: the bridge "
+                    f"reads HuBERT's frames; set both")
+  tokens = cfg.qformer.num_queries if kind == "qformer" else 1
+  width = (cfg.qformer.output_size or cfg.qformer.hidden_size) if kind == "qformer" else cfg.mlp_bridge.hidden_size
+  if cfg.dit.context_dim != width:
+    raise UserError(f"{spec}: dit.context_dim={cfg.dit.context_dim} but the {kind} bridge's tokens are {width} "
+                    f"wide: stage 2's DiT cross-attends to them; set both")
+  slots = cfg.dit.get("context_slots", 0)
+  if slots and slots != tokens:
+    raise UserError(f"{spec}: dit.context_slots={slots} but the {kind} bridge feeds stage 2 {tokens} tokens; "
+                    f"set dit.context_slots={tokens} or 0")
+  if slots and slots != cfg.data.text_max_tokens:
+    raise UserError(f"{spec}: dit.context_slots={slots} but data.text_max_tokens={cfg.data.text_max_tokens} "
+                    f"text tokens feed the tta stage; set data.text_max_tokens={slots}")
 
 
 def _parse_value(text: str):

@@ -37,14 +37,14 @@ def read_run_config(workdir: str):
 
 def export_bundle(source: str, out: str, overrides: dict[str, str] | None = None) -> str:
   """Collect the four components from `source` (and `overrides`) into one params checkpoint at `out`."""
+  from star_jax import trained
   from star_jax.checkpoint import save_params
-  from star_jax.train import components
 
   cfg = read_run_config(source)
-  parts, _ = components.load_trained(source)
+  parts, _ = trained.load_trained(source)
   for name, path in (overrides or {}).items():
     if path:
-      parts[name] = components.component(path, name)
+      parts[name] = trained.component(path, name)
   missing = [n for n in COMPONENTS if n not in parts]
   if missing:
     raise UserError(f"'{source}' lacks {missing}; export a stage-2 workdir, or pass --{missing[0]} PATH")

@@ -1,4 +1,4 @@
-"""Speech in, sound out: HuBERT -> Q-Former -> flow-matching DiT (Euler, sway, CFG) -> VAE decoder.
+"""Speech in, sound out: HuBERT -> bridge -> flow-matching DiT (Euler, sway, CFG) -> VAE decoder.
 
   star-jax generate --ckpt outputs/tiny/bundle --speech query.wav --out sound.wav [--steps 20 --cfg 5
       --sway -1 --seed 0 --seconds 10]
@@ -18,9 +18,9 @@ import sys
 
 import numpy as np
 
+from star_jax.constants import SPEECH_RATE_HZ
 from star_jax.errors import UserError
 
-SPEECH_RATE_HZ = 16000
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aiff", ".aif", ".opus")
 log = logging.getLogger("star_jax.generate")
 
@@ -74,31 +74,23 @@ class Generator:
     import jax
 
     from star_jax.export import load_bundle
-    from star_jax.models.bridge import QFormer, QFormerConfig
-    from star_jax.models.dit import DiT
-    from star_jax.models.hubert import Hubert
-    from star_jax.models.vae import OobleckVAE
-    from star_jax.train import components
+    from star_jax.models import build
 
     self.cfg, params = load_bundle(bundle_dir)
     self.params = jax.device_put(params)
     cfg = self.cfg
-    self.hubert = Hubert(components.hubert_config(cfg))
-    self.bridge = QFormer(QFormerConfig(**cfg.qformer.to_dict()))
-    self.dit = DiT(components.dit_config(cfg))
-    self.vae = OobleckVAE(components.vae_config(cfg))
+    self.hubert, self.bridge = build.hubert(cfg), build.bridge(cfg)
+    self.dit, self.vae = build.dit(cfg), build.vae(cfg)
     self.sample_rate_hz = int(cfg.vae.sample_rate_hz)
-    self.hop = components.vae_hop(cfg)
-    self._tokens = jax.jit(self._tokens_fn)
-    self._bridge_tokens = jax.jit(self._bridge_fn)
+    self.hop = build.vae_hop(cfg)
+    self.latent_scale = build.latent_scale(cfg)
+    modules = (self.hubert, self.bridge)
+    self._tokens = jax.jit(lambda p, speech, mask: build.speech_tokens(
+        cfg, p, {"speech": speech, "speech_mask": mask}, modules=modules))
+    self._bridge_tokens = jax.jit(lambda p, feats, mask: build.speech_tokens(
+        cfg, p, {"hubert": feats, "hubert_mask": mask}, modules=modules))
     self._decode = jax.jit(lambda p, z: self.vae.apply({"params": p}, z, method="decode"))
     self._encode = jax.jit(lambda p, a: self.vae.apply({"params": p}, a, method="encode")[0])
-
-  def _bridge_fn(self, params, feats_btd, frame_mask_bt):
-    return self.bridge.apply({"params": params["bridge"]}, feats_btd, frame_mask_bt)
-
-  def _tokens_fn(self, params, speech_bt, mask_bt):
-    return self._bridge_fn(params, *self.hubert.apply({"params": params["hubert"]}, speech_bt, mask_bt))
 
   def tokens_from_features(self, feats_ntd: np.ndarray, frame_mask_nt: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """HuBERT frames (cached by `prepare cache` from this bundle's HuBERT) -> bridge tokens (N, Q, D), in
@@ -127,7 +119,6 @@ class Generator:
     import jax
 
     from star_jax import flow
-    from star_jax.train import components
 
     f = self.cfg.flow
     num_samples = int(round(seconds * self.sample_rate_hz))
@@ -137,7 +128,7 @@ class Generator:
                           num_steps=int(steps or f.num_steps),
                           cfg_scale=float(f.cfg_scale if cfg_scale is None else cfg_scale),
                           sway_coef=float(f.sway_coef if sway is None else sway))
-    latents = latents / components.latent_scale(self.cfg)  # the DiT's space -> the VAE's
+    latents = latents / self.latent_scale  # the DiT's space -> the VAE's
     wav = np.asarray(self._decode(self.params["vae"], latents), np.float32)
     if wav.shape[1] < num_samples:
       wav = np.pad(wav, ((0, 0), (0, num_samples - wav.shape[1])))

@@ -18,6 +18,7 @@ import math
 import re
 from typing import Any, Callable, Mapping, Sequence
 
+from star_jax.constants import FRAME_RATE_HZ, STAGES
 from star_jax.errors import UserError
 
 
@@ -246,7 +247,6 @@ def parse_mesh(text: str) -> dict[str, int]:
   return sizes
 
 
-FEATURE_RATE_HZ = 50  # cached HuBERT frames and VAE latents per second (DESIGN.md §2)
 
 
 def batch_spec(cfg: Any, keys: Sequence[str], batch_size: int, cached: bool) -> dict[str, tuple]:
@@ -257,8 +257,8 @@ def batch_spec(cfg: Any, keys: Sequence[str], batch_size: int, cached: bool) -> 
   d = cfg.data
   speech = int(round(d.speech_duration_s * d.speech_sample_rate_hz))
   audio = int(round(d.audio_duration_s * cfg.vae.sample_rate_hz))
-  frames = int(round(d.speech_duration_s * FEATURE_RATE_HZ))
-  latents = int(round(d.audio_duration_s * FEATURE_RATE_HZ))
+  frames = int(round(d.speech_duration_s * FRAME_RATE_HZ))
+  latents = int(round(d.audio_duration_s * FRAME_RATE_HZ))
   b = batch_size
   spec = {"speech": ((b, speech), "float32"), "speech_mask": ((b, speech), "bool"),
           "audio": ((b, audio), "float32"), "audio_mask": ((b, audio), "bool"),
@@ -276,17 +276,14 @@ def batch_spec(cfg: Any, keys: Sequence[str], batch_size: int, cached: bool) -> 
 @dataclasses.dataclass(frozen=True)
 class StageStep:
   """A stage's train step with abstract, sharded arguments: what `plan_stage` compiles."""
-  step: Callable
-  args: tuple  # (state, batch, rng) as ShapeDtypeStructs with shardings
-  out_shardings: Any
-  groups: dict[str, Any]  # report name -> part of `args`
+  signature: Any  # star_jax.train.state.StepSignature: the loop's own jitted step and its abstract arguments
+  groups: dict[str, Any]  # report name -> part of the arguments
   rules: Any
 
 
 def stage_step(cfg: Any, stage_name: str, mesh, batch_size: int, cached: bool = False) -> StageStep:
-  """`stage_name`'s train step (star_jax.train) and its abstract state and batch on `mesh`; no allocation."""
+  """`stage_name`'s train step, built by the loop's `train_step_with_signature`, on `mesh`; no allocation."""
   import jax
-  import numpy as np
 
   from star_jax import sharding
   from star_jax.train import stage as stage_lib, state as state_lib
@@ -297,33 +294,24 @@ def stage_step(cfg: Any, stage_name: str, mesh, batch_size: int, cached: bool = 
   schedule = state_lib.make_schedule(hp, 1000, max(int(hp.get("steps") or 0), 2000))
   tx = state_lib.make_optimizer(hp, schedule)
   ema_decay = float(hp.get("ema_decay", 0.0) or 0.0)
-  rng = jax.random.PRNGKey(0)
-  shapes, shardings = state_lib.state_layout(stage.init, tx, mesh, rules, rng, ema_decay > 0)
-  state = abstract(shapes, shardings)
-  batch = {k: jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=sharding.batch_sharding(mesh))
-           for k, (shape, dtype) in batch_spec(cfg, stage.batch_keys, batch_size, cached).items()}
-  replicated = sharding.replicated(mesh)
+  shapes, shardings = state_lib.state_layout(stage.init, tx, mesh, rules, jax.random.PRNGKey(0), ema_decay > 0)
+  signature = state_lib.train_step_with_signature(
+      stage.loss, hp, cfg.train.nan_policy, tx, schedule, shapes, shardings,
+      batch_spec(cfg, stage.batch_keys, batch_size, cached), mesh)
+  state, batch, _ = signature.args
   groups = {"params (trained)": state.params, "optimizer state": state.opt_state,
             "frozen models": state.frozen}
   if state.ema is not None:
     groups["EMA params"] = state.ema
   groups["batch"] = batch
-  return StageStep(state_lib.make_train_step(stage.loss, tx, schedule, ema_decay),
-                   (state, batch, jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated)),
-                   (shardings, replicated), groups, rules)
+  return StageStep(signature, groups, rules)
 
 
 def plan_stage(cfg: Any, stage_name: str, mesh, batch_size: int, cached: bool = False) -> StepPlan:
   """Compile `stage_name`'s train step for `mesh` ahead of time, as the train loop does -> its plan."""
-  import flax.linen as nn
-  import jax
   s = stage_step(cfg, stage_name, mesh, batch_size, cached)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(s.rules):
-    compiled = compile_ahead(s.step, s.args, out_shardings=s.out_shardings, donate_argnums=(0,))
-  return analyse(compiled, s.groups, mesh)
+  return analyse(s.signature.compile(mesh, s.rules), s.groups, mesh)
 
-
-STAGES = ("vae", "tta", "stage1", "stage2")
 
 
 def add_arguments(p) -> None:

@@ -7,7 +7,9 @@ import pytest
 
 from star_jax.config import load_config
 from star_jax.data import records
-from star_jax.demo import Evaluator, _report_md, degrade, event_accuracy, paired_test, split_arrays, spread
+from star_jax.demo.evaluator import Evaluator, degrade, event_accuracy, paired_test
+from star_jax.demo.report import report_md
+from star_jax.demo.run import split_arrays, spread
 from star_jax.errors import UserError
 
 RATE = 16000
@@ -115,7 +117,7 @@ def test_report_shows_counts_and_the_paired_tests():
                        "checkpoint": "last epoch"},
             "evaluator_train_clips": 1044, "generation": {"generated (spoken query)": row},
             "significance": {"random (evaluator)": {"wins": 13, "losses": 2, "p_value": 0.0037}}}
-  md = _report_md(report, {}, [], "/tmp")
+  md = report_md(report, {}, [], "/tmp")
   assert "| generated (spoken query) | 0.050 (13) | 0.100 (26) | 12.50 |" in md
   assert "| random (evaluator) | 13 | 2 | 0.0037 |" in md
   assert "use the last epoch's checkpoint" in md

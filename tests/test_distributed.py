@@ -140,7 +140,7 @@ def test_two_processes_equal_one():
 
 @pytest.mark.slow
 def test_two_processes_train_stage2_like_one():
-  """3 stage-2 steps of the tiny config, batch split over two processes == one process (issue 8)."""
+  """3 stage-2 steps of the tiny config, batch split over two processes == one process."""
   pytest.importorskip("star_jax.train.stage2")
   results = _run_workers(2, "--model", "stage2", timeout_s=900)
   n = distributed_worker.DEVICES_PER_PROCESS * 2

@@ -119,3 +119,21 @@ def test_generator_pads_speech_to_the_training_window_and_undoes_the_latent_scal
                         cfg_scale=float(f.cfg_scale), sway_coef=float(f.sway_coef))
   want = np.asarray(gen._decode(gen.params["vae"], jnp.asarray(latents) / scale))[:, :wav.shape[1]]
   np.testing.assert_allclose(wav[:, :want.shape[1]], want, atol=1e-5)  # `sample` zero-pads a short decode
+
+
+def test_mlp_bridge_bundle_generates(tmp_path):
+  """bridge.kind=mlp: the bundle's bridge is the MLP's variables (params and BatchNorm statistics) and
+  `generate` conditions on its single token, through the same speech path as the stages."""
+  from star_jax.generate import Generator
+  cfg = load_config("configs/star.py:tiny", ["bridge.kind=mlp", "dit.context_slots=0", "dit.depth=2",
+                                             "hubert.num_layers=1", "flow.num_steps=2"])
+  tree = nn.unbox(build_stage(cfg, "stage2").init(jax.random.PRNGKey(0)))
+  work = tmp_path / "stage2"
+  save_params(str(work / "best"), tree, cfg, kind="stage2")
+  (work / "config.json").write_text(cfg.to_json())
+  gen = Generator(export_bundle(str(work), str(tmp_path / "bundle")))
+  speech = [np.random.default_rng(0).uniform(-0.3, 0.3, RATE).astype(np.float32)] * 2
+  tokens = np.asarray(gen.tokens(speech))
+  assert tokens.shape == (2, 1, cfg.mlp_bridge.hidden_size) and np.abs(tokens).max() > 0
+  wav = gen.sample(tokens, 0.5, steps=2)
+  assert wav.shape == (2, RATE // 2) and np.all(np.isfinite(wav))

@@ -100,3 +100,34 @@ def test_parse_mesh():
     plan.parse_mesh("model=2")
   with pytest.raises(UserError, match="AXIS=SIZE"):
     plan.parse_mesh("fsdp=-1")
+
+
+def test_plan_compiles_the_step_the_loop_runs(tmp_path, mesh1, monkeypatch):
+  """`plan` and the loop build their step with one function: the same lowered program, NaN-skip included."""
+  from star_jax.config import load_config
+  from star_jax.train import loop, stage, state as state_lib
+  from tests.train_standin import RandomRecords
+
+  class Compiling(Exception):
+    """Raised where the loop would compile its step (the test needs the step, not a run)."""
+
+  def stop_at_compile(signature, mesh, rules):
+    raise Compiling(signature)
+
+  small = ["data.audio_duration_s=0.32", "vae.channel_multiples=(1,2)", "vae.downsampling_ratios=(16,20)",
+           "vae_stage.steps=1", "vae_stage.batch_size=8", "vae_stage.warmup_steps=0"]
+  cfg = load_config("configs/star.py:tiny", small + ["train.nan_policy=skip"])
+  monkeypatch.setattr(state_lib.StepSignature, "compile", stop_at_compile)
+  data = RandomRecords(cfg, n=8)
+  with pytest.raises(Compiling) as run:
+    loop.train(cfg, stage.build_stage(cfg, "vae", data), str(tmp_path), data, mesh=mesh1, progress=False)
+  planned = plan.stage_step(cfg, "vae", mesh1, 8)
+
+  def text(signature):
+    with jax.set_mesh(mesh1), nn.logical_axis_rules(planned.rules):
+      return signature.jitted.lower(*signature.args).as_text()
+
+  assert text(run.value.args[0]) == text(planned.signature)
+  # The policy changes the program, so the equality above covers the flag.
+  stop = load_config("configs/star.py:tiny", small + ["train.nan_policy=stop"])
+  assert text(plan.stage_step(stop, "vae", mesh1, 8).signature) != text(planned.signature)

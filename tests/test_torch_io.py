@@ -1,4 +1,4 @@
-"""Untrusted PyTorch checkpoints: weights load; pickled code never runs (issue 9)."""
+"""Untrusted PyTorch checkpoints: weights load; pickled code never runs."""
 
 import os
 import pickle

@@ -22,8 +22,7 @@ def _cfg(stage, *extra):
   return load_config("configs/star.py:tiny", SMALL + steps + [f"{section}.batch_size=8", *extra])
 
 
-@pytest.mark.parametrize("name", [pytest.param("vae", marks=pytest.mark.slow),
-                                  pytest.param("tta", marks=pytest.mark.slow), "stage1", "stage2"])
+@pytest.mark.parametrize("name", [pytest.param("vae", marks=pytest.mark.slow), "tta", "stage1", "stage2"])
 def test_three_steps(name, tmp_path, mesh1):
   extra = ["stage1.max_epochs=3"] if name == "stage1" else []
   cfg = _cfg(name, *extra)
@@ -38,8 +37,9 @@ def test_three_steps(name, tmp_path, mesh1):
     # tiny: `stage1.keep_best=False`: the best epoch is recorded but not written, so loaders read the last one.
     assert not cfg.stage1.keep_best and res.best is not None and not (tmp_path / "best").exists()
     from star_jax.metrics.scores import mean_average_precision
-    from star_jax.train import components, stage1
-    parts, kind = components.load_trained(str(tmp_path))
+    from star_jax import trained
+    from star_jax.train import stage1
+    parts, kind = trained.load_trained(str(tmp_path))
     assert kind == "stage1"
     # stage1.classify (the demo's test mAP, scripts/stage1_voice_check.py) is the model the last validation ran;
     # batches of 5 leave a padded last batch.
@@ -62,7 +62,7 @@ def test_three_steps(name, tmp_path, mesh1):
 def test_stage1_keeps_the_best_epoch_and_stops_after_patience(tmp_path, mesh1):
   import dataclasses
 
-  from star_jax.train import components
+  from star_jax import trained
   cfg = _cfg("stage1", "stage1.max_epochs=6", "stage1.patience_epochs=2", "stage1.keep_best=True")
   data = RandomRecords(cfg, n=8)  # one step per epoch
   stage = build_stage(cfg, "stage1", data)
@@ -76,7 +76,7 @@ def test_stage1_keeps_the_best_epoch_and_stops_after_patience(tmp_path, mesh1):
   res = loop.train(cfg, dataclasses.replace(stage, evaluate=evaluate), str(tmp_path), data, mesh=mesh1,
                    progress=False)
   assert res.status == "early_stopped" and res.step == 4 and res.best["step"] == 2
-  best, _ = components.load_trained(str(tmp_path))  # best/ wins over the later checkpoints
+  best, _ = trained.load_trained(str(tmp_path))  # best/ wins over the later checkpoints
   for a, b in zip(jax.tree.leaves(best["bridge"]), jax.tree.leaves(seen[2]["bridge"])):
     np.testing.assert_array_equal(a, b)
 

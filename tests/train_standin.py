@@ -84,11 +84,13 @@ class RandomRecords:
     self.label_names = [f"class{i}" for i in range(num_classes)]
     self.random_crops = []
     lengths = r.integers(ta // 2, ta + 1, n)
+    lt = int(cfg.data.text_max_tokens)  # 6 caption rows, zero-padded to the window as the pipeline pads them
+    fit = lambda x: np.pad(x, ((0, lt - len(x)), (0, 0)))[:lt]
     self.examples = [dict(
         speech=(0.1 * r.standard_normal(ts)).astype(np.float32), speech_mask=np.arange(ts) < ts - 400 * (i % 3),
         audio=(0.1 * r.standard_normal(ta)).astype(np.float32), audio_mask=np.arange(ta) < lengths[i],
         labels=(r.random(num_classes) < 0.4).astype(np.float32),
-        text_emb=r.standard_normal((6, cfg.tta.text_dim)).astype(np.float32), text_mask=np.arange(6) < 3 + i % 4,
+        text_emb=fit(r.standard_normal((6, cfg.tta.text_dim)).astype(np.float32)), text_mask=np.arange(lt) < 3 + i % 4,
     ) for i in range(n)]
 
   def iterator(self, split, *, batch_size, shuffle, num_epochs, seed, drop_remainder=True, random_crop=None):

@@ -30,12 +30,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from star_jax.constants import SPEECH_RATE_HZ as HUBERT_RATE_HZ
 from star_jax.data import audio as audio_lib
 from star_jax.data import records
 from star_jax.data import source as source_lib
 from star_jax.errors import UserError
 
-HUBERT_RATE_HZ = 16000  # HuBERT reads 16 kHz speech (DESIGN.md §2)
 GROUP_RECORDS = 512  # records encoded together: enough to fill each length bucket's batches, few enough for RAM
 RATE_KEYS = {"hubert": "hubert_frame_rate_hz", "latents": "latent_frame_rate_hz"}
 DIM_KEYS = {"hubert": "hubert_dim", "latents": "latent_dim"}
@@ -87,7 +87,7 @@ def _load_component(directory: str, name: str, config_cls):
   """A converted component (`star-jax convert NAME`), a stage's `best/`, or a train workdir (its `best/`, else
   its latest checkpoint), whose config is NAME's or holds a section NAME -> (config, params of NAME, the whole
   saved config as a dict)."""
-  from star_jax.train.components import load_trained, trained_config
+  from star_jax.trained import load_trained, trained_config
 
   parts, kind = load_trained(directory)
   config = trained_config(directory)

@@ -31,7 +31,7 @@ TRAIN_TEMPLATES = ("{a}", "the sound of {a}", "a recording of {a}")
 VALID_TEMPLATE = "you can hear {a}"
 TEST_VOICE = DEFAULT_VOICES[4]  # en-029+f2: held out, its accent and variant never speak in train or valid
 # The pool train and valid voices come from: espeak-ng's English accents (bar the held-out one) x its voice
-# variants (bar the held-out one) x speeds x pitches. Four fixed voices (until issue 6, session 10) let the tiny
+# variants (bar the held-out one) x speeds x pitches. Four fixed voices let the tiny
 # stage 1 learn the four voices rather than the words: held-out-voice mAP 0.607 against 0.833 on valid, 0.627 with
 # the pool (scripts/stage1_voice_check.py). "en" is British English ("en-gb" would drop the variant).
 TRAIN_ACCENTS = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-us-nyc")

@@ -26,12 +26,11 @@ from typing import Any
 import grain
 import numpy as np
 
+from star_jax.constants import FRAME_RATE_HZ as FEATURE_RATE_HZ
 from star_jax.data import audio as audio_lib
 from star_jax.data import records
 from star_jax.data import source as source_lib
 from star_jax.errors import UserError
-
-FEATURE_RATE_HZ = 50  # HuBERT frames and VAE latents: 50 per second (DESIGN.md §2)
 
 
 def _start(length: int, window: int, rng: np.random.Generator, random_crop: bool) -> int:

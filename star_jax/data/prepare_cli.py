@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-SPEECH_RATE_HZ = 16000
+from star_jax.constants import SPEECH_RATE_HZ
 
 
 def _workers_default() -> int:
@@ -126,37 +126,45 @@ def _check_settings(out: str, split: str, settings: dict) -> None:
     records.write_json(file, settings)
 
 
-def run_opensfx(args: argparse.Namespace) -> int:
+def prepare_opensfx(out: str, *, audio_rate_hz: int = 24000, cat: str | None = None, text_dim: int = 64,
+                    shard_size: int = 64, workers: int | None = None, progress: bool = True) -> dict:
+  """Build the OpenSFX corpus at `out` (finished shards are kept) -> the build report written to report.json."""
   from star_jax.data import opensfx, records, shards
 
   start = time.time()
-  cat = args.cat or opensfx.CAT_PATH
+  workers = workers or _workers_default()
+  cat = cat or opensfx.CAT_PATH
   if not os.path.isfile(cat):
     from star_jax.errors import UserError
     raise UserError(f"{cat} not found: install Debian's openttd-opensfx (apt-get install openttd-opensfx)")
-  _check_out(args.out)
+  _check_out(out)
   clips = opensfx.read_cat(cat)
   classes, specs = opensfx.plan(clips)
-  settings = dict(source="opensfx", audio_rate_hz=args.audio_rate_hz, text_dim=args.text_dim,
-                  shard_size=args.shard_size)
+  settings = dict(source="opensfx", audio_rate_hz=audio_rate_hz, text_dim=text_dim, shard_size=shard_size)
   report = dict(source="opensfx", classes=len(classes), clips=len(clips),
                 clips_duration_s=round(sum(c.wave.shape[0] / c.rate_hz for c in clips), 1), splits={})
   for split, split_specs in specs.items():
-    _check_settings(args.out, split, settings)
+    _check_settings(out, split, settings)
     summary = shards.write_split(
-        args.out, split, shards.chunk(split_specs, args.shard_size), opensfx.build_records,
-        speech_rate=SPEECH_RATE_HZ, audio_rate=args.audio_rate_hz, workers=args.workers,
-        init=opensfx.init_worker, init_args=(cat, args.audio_rate_hz, SPEECH_RATE_HZ, args.text_dim),
-        progress=not args.no_progress)
-    records.update_info(args.out, split, summary["records"], source="opensfx", label_names=classes,
-                        speech_sample_rate_hz=SPEECH_RATE_HZ, audio_sample_rate_hz=args.audio_rate_hz,
-                        text_dim=args.text_dim, credits=opensfx.credits(clips))
+        out, split, shards.chunk(split_specs, shard_size), opensfx.build_records,
+        speech_rate=SPEECH_RATE_HZ, audio_rate=audio_rate_hz, workers=workers,
+        init=opensfx.init_worker, init_args=(cat, audio_rate_hz, SPEECH_RATE_HZ, text_dim),
+        progress=progress)
+    records.update_info(out, split, summary["records"], source="opensfx", label_names=classes,
+                        speech_sample_rate_hz=SPEECH_RATE_HZ, audio_sample_rate_hz=audio_rate_hz,
+                        text_dim=text_dim, credits=opensfx.credits(clips))
     report["splits"][split] = {k: summary[k] for k in ("records", "audio_s", "speech_s", "voices", "shards",
                                                        "shards_written_now")}
   report["records"] = sum(s["records"] for s in report["splits"].values())
   report["audio_s"] = round(sum(s["audio_s"] for s in report["splits"].values()), 1)
   report["build_s"] = round(time.time() - start, 1)
-  records.write_json(os.path.join(args.out, "report.json"), report)
+  records.write_json(os.path.join(out, "report.json"), report)
+  return report
+
+
+def run_opensfx(args: argparse.Namespace) -> int:
+  report = prepare_opensfx(args.out, audio_rate_hz=args.audio_rate_hz, cat=args.cat, text_dim=args.text_dim,
+                           shard_size=args.shard_size, workers=args.workers, progress=not args.no_progress)
   print(json.dumps(report, indent=1))
   return 0
 
@@ -218,28 +226,36 @@ def run_audiocaps(args: argparse.Namespace) -> int:
   return 0
 
 
-def run_cache(args: argparse.Namespace) -> int:
+def prepare_cache(data: str, *, hubert: str | None = None, vae: str | None = None, splits: list[str] | None = None,
+                  dtype: str = "float32", compute_dtype: str = "float32", batch_size: int = 8,
+                  progress: bool = True) -> None:
+  """Add cached HuBERT frames (`hubert`: a checkpoint or a stage workdir) and VAE posteriors (`vae`) to the
+  records of `data` in place; shards already cached are skipped."""
   from star_jax.data import cache, records
   from star_jax.errors import UserError
 
   start = time.time()
-  if not args.hubert and not args.vae:
+  if not hubert and not vae:
     raise UserError("prepare cache: give --hubert CKPT_DIR and/or --vae CKPT_DIR")
-  info = records.read_info(args.data)
-  splits = args.splits.split(",") if args.splits else list(info.get("splits", {}))
+  info = records.read_info(data)
+  splits = splits or list(info.get("splits", {}))
   unknown = sorted(set(splits) - set(info.get("splits", {})))
   if unknown:
-    raise UserError(f"--splits: {args.data} has no split {unknown}; it has {sorted(info.get('splits', {}))}")
-  _check_out(args.data)
-  models = [load(ckpt, args.compute_dtype) for ckpt, load in ((args.hubert, cache.load_hubert),
-                                                               (args.vae, cache.load_vae)) if ckpt]
-  cache.check_rates(args.data, splits, models)
+    raise UserError(f"--splits: {data} has no split {unknown}; it has {sorted(info.get('splits', {}))}")
+  _check_out(data)
+  models = [load(ckpt, compute_dtype) for ckpt, load in ((hubert, cache.load_hubert), (vae, cache.load_vae)) if ckpt]
+  cache.check_rates(data, splits, models)
   for split in splits:
-    summary = cache.cache_split(args.data, split, models, dtype=args.dtype, batch_size=args.batch_size,
-                                progress=not args.no_progress)
+    summary = cache.cache_split(data, split, models, dtype=dtype, batch_size=batch_size, progress=progress)
     print(f"{split}: {summary['records']} records, {summary['shards_written_now']} of {summary['shards']} shards "
           f"written now, fields {summary['fields']}")
-  print(f"prepare cache: done in {time.time() - start:.1f} s; frame rates in {os.path.join(args.data, 'info.json')}")
+  print(f"prepare cache: done in {time.time() - start:.1f} s; frame rates in {os.path.join(data, 'info.json')}")
+
+
+def run_cache(args: argparse.Namespace) -> int:
+  prepare_cache(args.data, hubert=args.hubert, vae=args.vae, splits=args.splits.split(",") if args.splits else None,
+                dtype=args.dtype, compute_dtype=args.compute_dtype, batch_size=args.batch_size,
+                progress=not args.no_progress)
   return 0
 
 

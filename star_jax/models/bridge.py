@@ -143,9 +143,9 @@ class Classifier(nn.Module):
   "Focal loss") instead of 0, i.e. at a sigmoid of p instead of 0.5. With zero biases the first ~50 steps
   only push all logits down to the label prior; their large gradients fill AdamW's second moments (β2 =
   0.999), which then shrink the encoder's updates ~100x for hundreds of steps: a tiny HuBERT from scratch sat
-  on the prior for 10 epochs (measured in issue 6), and with the prior init it fits a batch in 60 steps.
+  on the prior for 10 epochs, and with the prior init it fits a batch in 60 steps (docs/notes/tiny_demo.md).
 
-  `cosine_scale` > 0 (not STAR's head; off in every config): logits = scale · cos(pooled token, w_c) + b_c, a
+  `cosine_scale` > 0 (not STAR's head; the tiny config uses 16): logits = scale · cos(pooled token, w_c) + b_c, a
   cosine classifier. It spreads the classes over more directions of the pooled token: on the demo corpus a
   width-128 tiny bridge's 63 class means span a participation rank of 15.4 with it at scale 16, 8.8 without.
   """

@@ -53,7 +53,7 @@ class DiTConfig:
   abs_pe: str = "none"
   # Not in EzAudio: > 0 gives each of that many context tokens its own learned Dc x Dc linear map before the
   # context MLP (init N(0, 1/Dc)). A bridge whose tokens are near copies of one another then still reaches
-  # cross-attention as distinct tokens, which the DiT keys on far faster (issue 6). 0: STAR and EzAudio.
+  # cross-attention as distinct tokens, which the DiT keys on far faster (docs/notes/tiny_demo.md). 0: STAR, EzAudio.
   context_slots: int = 0
   remat: str = "none"  # a key of REMAT_POLICIES, applied per block
   dtype: str = "float32"  # matmul input dtype; params, norms, softmax and the residual stay f32

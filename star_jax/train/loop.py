@@ -12,7 +12,6 @@ import threading
 import time
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -143,18 +142,12 @@ def train(cfg: Any, stage: Stage, workdir: str, data: Data, *, mesh: jax.shardin
                   metrics={}, best=meta.get("best"))
 
   # --- The step: jitted with in/out shardings, state donated, compiled ahead of time once.
-  step_fn = state_lib.make_train_step(stage.loss, tx, schedule, ema_decay, tc.nan_policy == "skip")
   first = {k: v for k, v in next(train_iter).items() if k in stage.batch_keys}
-  batch_shardings = {k: sharding.batch_sharding(mesh) for k in first}
-  batch_shapes = {k: jax.ShapeDtypeStruct((global_bs,) + np.shape(v)[1:], np.asarray(v).dtype,
-                                          sharding=batch_shardings[k]) for k, v in first.items()}
+  batch_spec = {k: ((global_bs,) + np.shape(v)[1:], np.asarray(v).dtype) for k, v in first.items()}
+  signature = state_lib.train_step_with_signature(stage.loss, hp, tc.nan_policy, tx, schedule, shapes, shardings,
+                                                  batch_spec, mesh)
+  compiled = signature.compile(mesh, rules)
   replicated = sharding.replicated(mesh)
-  jitted = jax.jit(step_fn, in_shardings=(shardings, batch_shardings, replicated),
-                   out_shardings=(shardings, replicated), donate_argnums=0)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    compiled = jitted.lower(abstract_state, batch_shapes,
-                            jax.ShapeDtypeStruct(step_rng.shape, step_rng.dtype, sharding=replicated)
-                            ).compile()
   _log_memory(compiled, stage.name)
   step_rng = jax.device_put(step_rng, replicated)
 

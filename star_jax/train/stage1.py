@@ -9,32 +9,27 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from star_jax import sharding
+from star_jax import sharding, trained
+from star_jax.errors import UserError
 from star_jax.metrics.scores import mean_average_precision
-from star_jax.train import components
+from star_jax.models import build as build_lib
 from star_jax.train.stage import Stage
 
 
 def _modules(cfg, num_classes: int):
   """Stage 1's modules: HuBERT, the bridge and the classifier head."""
-  from star_jax.models.bridge import Classifier
-  from star_jax.models.hubert import Hubert
-
-  head = Classifier(num_classes, dtype=cfg.qformer.dtype, prior_prob=float(cfg.classifier.get("prior_prob", 0.0)),
-                    cosine_scale=float(cfg.classifier.get("cosine_scale", 0.0)))
-  return Hubert(components.hubert_config(cfg)), components.bridge_module(cfg), head
+  return build_lib.hubert(cfg), build_lib.bridge(cfg), build_lib.classifier(cfg, num_classes)
 
 
 def classify(cfg, parts: dict, speech_nt: np.ndarray, mask_nt: np.ndarray, num_classes: int,
              batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-  """A trained stage 1 (`components.load_trained` parts: hubert, bridge, classifier) on host waveforms, in
+  """A trained stage 1 (`trained.load_trained` parts: hubert, bridge, classifier) on host waveforms, in
   batches of one shape: (bridge tokens (N, Q, D), class probabilities (N, C)) as numpy."""
   hubert, bridge, head = _modules(cfg, num_classes)
 
   @jax.jit
   def forward(p, speech, mask):
-    feats, fmask = hubert.apply({"params": p["hubert"]}, speech, mask)
-    tokens = bridge.apply({"params": p["bridge"]}, feats, fmask)
+    tokens = build_lib.speech_tokens(cfg, p, {"speech": speech, "speech_mask": mask}, modules=(hubert, bridge))
     return tokens, jax.nn.sigmoid(head.apply({"params": p["classifier"]}, tokens))
 
   p = {k: parts[k] for k in ("hubert", "bridge", "classifier")}
@@ -49,27 +44,24 @@ def classify(cfg, parts: dict, speech_nt: np.ndarray, mask_nt: np.ndarray, num_c
 
 def build(cfg, data=None) -> Stage:
   hp = cfg.stage1
-  hubert, bridge, head = _modules(cfg, components.num_classes(cfg, data))
+  if cfg.bridge.kind != "qformer":
+    raise UserError(f"stage1: bridge.kind '{cfg.bridge.kind}' keeps BatchNorm statistics the train state does "
+                    f"not carry; stage 1 trains bridge.kind=qformer (stage 2 and generate take a trained MLP bridge)")
+  hubert, bridge, head = _modules(cfg, build_lib.num_classes(cfg, data))
   train_hubert = bool(hp.train_hubert)
 
   def init(rng):
     r_hub, r_bridge, r_head = jax.random.split(rng, 3)
     hub = hubert.init(r_hub, jnp.zeros((1, 4000)))["params"]  # param shapes do not depend on length
-    tokens = bridge.init(r_bridge, jnp.zeros((1, 4, cfg.hubert.hidden_size)))
-    params = {"bridge": tokens["params"],
-              "classifier": head.init(r_head, jnp.zeros((1, cfg.qformer.num_queries, cfg.qformer.output_size
-                                                          or cfg.qformer.hidden_size)))["params"]}
+    params = {"bridge": build_lib.init_bridge(cfg, bridge, r_bridge),
+              "classifier": head.init(r_head, jnp.zeros((1, *build_lib.bridge_tokens(cfg))))["params"]}
     frozen = {}
     (params if train_hubert else frozen)["hubert"] = hub
     return {"params": params, "frozen": frozen}
 
   def logits_fn(params, frozen, batch, rng=None):
-    hub = params["hubert"] if train_hubert else frozen["hubert"]
-    feats, mask = components.speech_features(cfg, hub, batch, use_cache=not train_hubert)
-    if not train_hubert:
-      feats = jax.lax.stop_gradient(feats)
-    rngs = None if rng is None else {"dropout": rng}
-    tokens = bridge.apply({"params": params["bridge"]}, feats, mask, deterministic=rng is None, rngs=rngs)
+    parts = {"hubert": params["hubert"] if train_hubert else frozen["hubert"], "bridge": params["bridge"]}
+    tokens = build_lib.speech_tokens(cfg, parts, batch, use_cache=not train_hubert, rng=rng, modules=(hubert, bridge))
     return head.apply({"params": params["classifier"]}, tokens)
 
   def loss(params, frozen, batch, rng):
@@ -102,7 +94,7 @@ def build(cfg, data=None) -> Stage:
     if not hp.get("init_hubert"):
       return state
     tree = "params" if train_hubert else "frozen"
-    loaded = components.put_like(components.component(hp.init_hubert, "hubert"),
+    loaded = trained.put_like(trained.component(hp.init_hubert, "hubert"),
                                  getattr(state, tree)["hubert"], "stage1.init_hubert")
     return state.replace(**{tree: {**getattr(state, tree), "hubert": loaded}})
 

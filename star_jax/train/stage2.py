@@ -12,8 +12,8 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from star_jax import flow
-from star_jax.train import components
+from star_jax import flow, trained
+from star_jax.models import build as build_lib
 from star_jax.train.stage import Stage
 
 log = logging.getLogger("star_jax.train")
@@ -22,64 +22,58 @@ TRAINABLE_BRIDGE = ("projection",)  # the Q-Former's output Linear (DESIGN.md §
 
 
 def split_bridge(bridge_params: dict, trainable_names: tuple[str, ...] = TRAINABLE_BRIDGE) -> tuple[dict, dict]:
-  """Q-Former params -> (trainable last projection, frozen body); `trainable_names=()` freezes it all."""
+  """Bridge component -> (trainable last projection, frozen body); `trainable_names=()` freezes it all (the MLP
+  bridge has no `projection`: it stays frozen whole)."""
   trainable = {k: v for k, v in bridge_params.items() if k in trainable_names}
   return trainable, {k: v for k, v in bridge_params.items() if k not in trainable_names}
 
 
 def build(cfg, data=None) -> Stage:
-  from star_jax.models.dit import DiT
-  from star_jax.models.hubert import Hubert
-  from star_jax.models.vae import OobleckVAE
-
   hp = cfg.stage2
-  hubert = Hubert(components.hubert_config(cfg))
-  bridge = components.bridge_module(cfg)
-  dit = DiT(components.dit_config(cfg))
-  vae = OobleckVAE(components.vae_config(cfg))
+  hubert, bridge = build_lib.hubert(cfg), build_lib.bridge(cfg)
+  dit, vae = build_lib.dit(cfg), build_lib.vae(cfg)
   trainable_bridge = TRAINABLE_BRIDGE if hp.get("train_projection", True) else ()
 
   def init(rng):
     r_hub, r_bridge, r_dit, r_vae = jax.random.split(rng, 4)
-    q, width = cfg.qformer.num_queries, cfg.qformer.output_size or cfg.qformer.hidden_size
-    proj, body = split_bridge(bridge.init(r_bridge, jnp.zeros((1, 4, cfg.hubert.hidden_size)))["params"],
-                              trainable_bridge)
+    q, width = build_lib.bridge_tokens(cfg)
+    proj, body = split_bridge(build_lib.init_bridge(cfg, bridge, r_bridge), trainable_bridge)
     latents = jnp.zeros((1, 4, cfg.vae.latent_channels))
     return {
         "params": {"dit": dit.init(r_dit, latents, jnp.zeros((1,)), jnp.zeros((1, q, width)))["params"],
                    "bridge": proj},
         "frozen": {"hubert": hubert.init(r_hub, jnp.zeros((1, 4000)))["params"], "bridge": body,
-                   "vae": vae.init(r_vae, jnp.zeros((1, 4 * components.vae_hop(cfg))))["params"]},
+                   "vae": vae.init(r_vae, jnp.zeros((1, 4 * build_lib.vae_hop(cfg))))["params"]},
     }
 
   def loss(params, frozen, batch, rng):
     r_latents, r_flow = jax.random.split(rng)
-    feats, mask = components.speech_features(cfg, frozen["hubert"], batch)
-    tokens = bridge.apply({"params": {**frozen["bridge"], **params["bridge"]}}, feats, mask)
-    x0, x_mask = components.audio_latents(cfg, frozen["vae"], batch, r_latents)
+    parts = {"hubert": frozen["hubert"], "bridge": {**frozen["bridge"], **params["bridge"]}}
+    tokens = build_lib.speech_tokens(cfg, parts, batch, modules=(hubert, bridge))
+    x0, x_mask = build_lib.audio_latents(cfg, frozen["vae"], batch, r_latents)
     if not hp.get("mask_padding", True):  # short clips padded with silence: generate the silence too
       x_mask = None
     value = flow.flow_matching_loss(dit.apply, {"params": params["dit"]}, x0, tokens, r_flow,
-                                    x_mask_bl=x_mask, **components.flow_loss_options(cfg))
+                                    x_mask_bl=x_mask, **build_lib.flow_loss_options(cfg))
     return value, {"flow": value}
 
   def load_pretrained(state):
     params, frozen = dict(state.params), dict(state.frozen)
     if hp.init_dit:
-      params["dit"] = components.put_like(components.component(hp.init_dit, "dit"), params["dit"],
+      params["dit"] = trained.put_like(trained.component(hp.init_dit, "dit"), params["dit"],
                                           "stage2.init_dit")
     else:
       log.warning("stage2: no init_dit; the DiT starts from random weights")
     if hp.init_bridge:
-      parts, _ = components.load_trained(hp.init_bridge)
+      parts, _ = trained.load_trained(hp.init_bridge)
       proj, body = split_bridge(parts.get("bridge", {}), trainable_bridge)
-      params["bridge"] = components.put_like(proj, params["bridge"], "stage2.init_bridge (projection)")
-      frozen["bridge"] = components.put_like(body, frozen["bridge"], "stage2.init_bridge (Q-Former)")
-      frozen["hubert"] = components.put_like(parts.get("hubert"), frozen["hubert"], "stage2.init_bridge (HuBERT)")
+      params["bridge"] = trained.put_like(proj, params["bridge"], "stage2.init_bridge (projection)")
+      frozen["bridge"] = trained.put_like(body, frozen["bridge"], "stage2.init_bridge (Q-Former)")
+      frozen["hubert"] = trained.put_like(parts.get("hubert"), frozen["hubert"], "stage2.init_bridge (HuBERT)")
     else:
       log.warning("stage2: no init_bridge; HuBERT and the Q-Former are random and frozen")
     if hp.init_vae:
-      frozen["vae"] = components.put_like(components.component(hp.init_vae, "vae"), frozen["vae"],
+      frozen["vae"] = trained.put_like(trained.component(hp.init_vae, "vae"), frozen["vae"],
                                           "stage2.init_vae")
     else:
       log.warning("stage2: no init_vae; the VAE is random and frozen")

@@ -1,4 +1,5 @@
-"""Train state, optimizers and learning-rate schedules, the sharded state init, and the pure train step.
+"""Train state, optimizers and learning-rate schedules, the sharded state init, the pure train step and the
+one jitted signature (shardings, donation) that the loop, `plan` and the throughput bench all compile.
 
 Frozen sub-models (HuBERT, the Q-Former body, the VAE in stage 2; DESIGN.md §1) live in `state.frozen`:
 saved and restored with the run, but outside the gradient and the optimizer state.
@@ -6,6 +7,7 @@ saved and restored with the run, but outside the gradient and the optimizer stat
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -134,3 +136,36 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
                "finite": finite.astype(jnp.float32), **aux}
     return new_state, metrics
   return step
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSignature:
+  """The train step jitted with its shardings and the state donated, and the abstract arguments it lowers on."""
+  jitted: Any          # jax.jit(step, in_shardings, out_shardings, donate_argnums=0)
+  args: tuple          # (state, batch, rng) as ShapeDtypeStructs with shardings
+
+  def compile(self, mesh: Mesh, rules: Any):
+    """Lower and compile ahead of time under the mesh and the logical-axis rules -> a jax Compiled."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return self.jitted.lower(*self.args).compile()
+
+
+def train_step_with_signature(loss_fn: LossFn, hp: Any, nan_policy: str, tx: optax.GradientTransformation,
+                              schedule: optax.Schedule, shapes: TrainState, shardings: TrainState,
+                              batch_spec: dict[str, tuple], mesh: Mesh) -> StepSignature:
+  """A stage's step as every caller compiles it (maxtext's get_functional_train_with_signature).
+
+  `hp` gives `ema_decay`; `nan_policy` 'skip' keeps non-finite steps out of the state; `batch_spec` maps each
+  batch key to its global (shape, dtype).
+  """
+  ema_decay = float(hp.get("ema_decay", 0.0) or 0.0)
+  step = make_train_step(loss_fn, tx, schedule, ema_decay, nan_policy == "skip")
+  batch_shardings = {k: sharding.batch_sharding(mesh) for k in batch_spec}
+  batch = {k: jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=batch_shardings[k])
+           for k, (shape, dtype) in batch_spec.items()}
+  replicated = sharding.replicated(mesh)
+  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
+  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+  jitted = jax.jit(step, in_shardings=(shardings, batch_shardings, replicated),
+                   out_shardings=(shardings, replicated), donate_argnums=0)
+  return StepSignature(jitted, (state, batch, rng))

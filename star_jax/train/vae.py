@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from star_jax.train import components
+from star_jax.models import build as build_lib
 from star_jax.train.stage import Stage
 
 
@@ -50,17 +50,17 @@ def random_crop(wav_bt: jax.Array, mask_bt: jax.Array, length: int, rng: jax.Arr
 
 
 def build(cfg, data=None) -> Stage:
-  from star_jax.models.vae import OobleckVAE, posterior_kl
+  from star_jax.models.vae import posterior_kl
 
   hp = cfg.vae_stage
-  vae = OobleckVAE(components.vae_config(cfg))
+  vae = build_lib.vae(cfg)
   windows = tuple(int(w) for w in hp.stft_windows)
-  hop = components.vae_hop(cfg)
+  hop = build_lib.vae_hop(cfg)
   # Train on short random windows (the VAE is convolutional): whole-clip steps cost crop/clip times more.
   crop = int(round(float(hp.get("crop_s", 0.0)) * cfg.vae.sample_rate_hz / hop)) * hop
 
   def init(rng):
-    return {"params": {"vae": vae.init(rng, jnp.zeros((1, 4 * components.vae_hop(cfg))))["params"]},
+    return {"params": {"vae": vae.init(rng, jnp.zeros((1, 4 * build_lib.vae_hop(cfg))))["params"]},
             "frozen": {}}
 
   def loss(params, frozen, batch, rng):

@@ -1,0 +1,95 @@
+"""Trained or converted components by name: a train workdir, a stage's `best/` or a params checkpoint ->
+{component: params}, and placing loaded params onto a model's shapes and shardings.
+
+Every stage names its sub-trees by component (`hubert`, `bridge`, `classifier`, `dit`, `vae`) in
+`state.params` (trainable) or `state.frozen`, so a later stage, `prepare cache` or `export` picks them by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from star_jax import checkpoint
+from star_jax.errors import UserError
+
+
+def load_trained(path: str) -> tuple[dict, str]:
+  """A train workdir (its `best/` if any, else its latest checkpoint), a stage's `best/` folder, or a
+  converted params checkpoint -> ({component: numpy tree}, kind).
+
+  Train states merge `params` and `frozen`; an EMA of the params, when kept, replaces them.
+  """
+  path = _resolve(path)
+  if os.path.isdir(os.path.join(path, "params")):
+    tree, meta = checkpoint.load_params(path)
+    kind = meta.get("kind", "")
+    if set(tree) <= {"params", "frozen", "ema"} and "params" in tree:
+      return _merge(tree), kind
+    return {kind: tree}, kind  # a converted component (star-jax convert KIND)
+  ckpt_dir = os.path.join(path, "checkpoints")
+  if os.path.isdir(ckpt_dir):
+    state, meta = checkpoint.TrainCheckpointer(ckpt_dir).restore_numpy()
+    return _merge(state), meta.get("stage", "")
+  raise UserError(f"'{path}' is neither a star-jax train workdir (no checkpoints/ or best/) nor a params "
+                  f"checkpoint; give the workdir of the stage that trained it")
+
+
+def trained_config(path: str) -> dict | None:
+  """The config saved with what `load_trained(path)` reads (a params checkpoint's `config`, or the config.json
+  a train workdir holds), as a dict; None when there is none."""
+  path = _resolve(path)
+  meta_path = os.path.join(path, "config.json")
+  if not os.path.isfile(meta_path):
+    return None
+  with open(meta_path) as f:
+    meta = json.load(f)
+  return meta.get("config") if os.path.isdir(os.path.join(path, "params")) else meta
+
+
+def _resolve(path: str) -> str:
+  """A workdir with a `best/` -> that `best/`; anything else as given (absolute)."""
+  path = os.path.abspath(path)
+  best = os.path.join(path, "best")
+  return best if os.path.isdir(os.path.join(best, "params")) else path
+
+
+def _merge(state: dict) -> dict:
+  """frozen, then params, then the EMA, merged key by key (stage 2 splits the bridge across trees)."""
+  merged: dict = {}
+  for part in ("frozen", "params", "ema"):
+    merged = _deep_merge(merged, state.get(part) or {})
+  return merged
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+  return out
+
+
+def component(path: str, name: str) -> Any:
+  """One named component (e.g. 'dit') out of `load_trained(path)`."""
+  parts, kind = load_trained(path)
+  if name not in parts:
+    raise UserError(f"'{path}' ({kind or 'unknown kind'}) has no '{name}' parameters; it has {sorted(parts)}")
+  return parts[name]
+
+
+def put_like(tree: Any, target: Any, what: str) -> Any:
+  """Place a loaded numpy tree with the shapes and shardings of `target` (a tree of jax Arrays)."""
+  got = jax.tree_util.tree_structure(tree)
+  want = jax.tree_util.tree_structure(target)
+  if got != want:
+    raise UserError(f"{what}: the loaded parameters do not match this config's model structure; "
+                    f"check that the config sizes match the checkpoint")
+  def put(x, t):
+    if np.shape(x) != t.shape:
+      raise UserError(f"{what}: a loaded parameter has shape {np.shape(x)}, the model expects {t.shape}")
+    return jax.device_put(np.asarray(x, dtype=t.dtype), t.sharding)
+  return jax.tree.map(put, tree, target)
