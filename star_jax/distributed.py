@@ -5,8 +5,8 @@ Where the process group comes from, first match wins:
   2. the environment `STAR_COORDINATOR`, `STAR_NUM_PROCESSES`, `STAR_PROCESS_ID` (what launch/local.sh sets),
   3. Slurm (`srun`): `SLURM_NTASKS`, `SLURM_PROCID`, `SLURM_LOCALID`, `SLURM_STEP_NODELIST`, `SLURM_JOB_ID`,
   4. a Cloud TPU VM (pods and single hosts): JAX reads the worker list from the TPU metadata itself.
-Anything else is one process, and `initialize` does nothing. See README "Multi-host: TPU pods and GPU
-clusters" and launch/.
+Anything else is one process, and `initialize` does nothing. See docs/scaling.md ("Multi-host") and
+launch/.
 """
 
 from __future__ import annotations

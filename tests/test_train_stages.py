@@ -41,7 +41,7 @@ def test_three_steps(name, tmp_path, mesh1):
     from star_jax.train import stage1
     parts, kind = trained.load_trained(str(tmp_path))
     assert kind == "stage1"
-    # stage1.classify (the demo's test mAP, scripts/stage1_voice_check.py) is the model the last validation ran;
+    # stage1.classify (the demo's test mAP, scripts/research/stage1_voice_check.py) is the model the last validation ran;
     # batches of 5 leave a padded last batch.
     ex = data.examples
     _, probs = stage1.classify(cfg, parts, np.stack([e["speech"] for e in ex]),
@@ -81,10 +81,9 @@ def test_stage1_keeps_the_best_epoch_and_stops_after_patience(tmp_path, mesh1):
     np.testing.assert_array_equal(a, b)
 
 
-# The 2x2x2 case once failed: with kernels split over `fsdp` on their input axis while the batch was too,
-# XLA's SPMD partitioner computed a wrong DiT loss (1-5 %; scripts/repro_dit_2x2x2.py still shows it with
-# no activation constraints). Dense now gathers its kernel over `fsdp` for compute (sharding.gather_fsdp,
-# ZeRO-3), which this test pins.
+# With kernels split over `fsdp` on their input axis while the batch is too, XLA's SPMD partitioner computes a
+# wrong DiT loss on 2x2x2 (1-5 %; docs/notes/yardsticks.md). Dense gathers its kernel over `fsdp` for compute
+# (sharding.gather_fsdp, ZeRO-3), which this test pins.
 @pytest.mark.parametrize("shape", [{"data": 8, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}],
                          ids=["data8", "mesh222"])
 def test_stage2_loss_sharded_equals_single_device(shape, tmp_path, mesh1):

@@ -2,7 +2,7 @@
 
   star-jax prepare cache --data data/audiocaps --hubert ckpt/hubert --vae ckpt/vae [--splits train,val]
 
-Fields added (README "Data"):
+Fields added (docs/data.md):
   hubert (Th, D)            HuBERT last_hidden_state of the whole utterance, its Th = frame_lengths(len) valid frames
   latents, latents_std (Tl, Dl)  the VAE posterior's mean and std over latent_length(len) frames; the pipeline serves
                             a fresh sample mean + std·ε per element (DESIGN.md §2: encoding samples the posterior),

@@ -33,7 +33,7 @@ TEST_VOICE = DEFAULT_VOICES[4]  # en-029+f2: held out, its accent and variant ne
 # The pool train and valid voices come from: espeak-ng's English accents (bar the held-out one) x its voice
 # variants (bar the held-out one) x speeds x pitches. Four fixed voices let the tiny
 # stage 1 learn the four voices rather than the words: held-out-voice mAP 0.607 against 0.833 on valid, 0.627 with
-# the pool (scripts/stage1_voice_check.py). "en" is British English ("en-gb" would drop the variant).
+# the pool (scripts/research/stage1_voice_check.py). "en" is British English ("en-gb" would drop the variant).
 TRAIN_ACCENTS = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-us-nyc")
 TRAIN_VARIANTS = ("", "+f1", "+f3", "+f4", "+f5", "+m1", "+m2", "+m3", "+m4", "+m5", "+m6", "+m7")
 TRAIN_SPEEDS_WPM = (130, 186)  # [low, high)
@@ -208,6 +208,6 @@ def build_records(specs: Sequence[Spec]) -> tuple[list[dict[str, Any]], list[dic
 
 
 def credits(clips: Sequence[Clip]) -> list[dict[str, Any]]:
-  """Per clip: entry, label, class, credit and licence (for the README and info.json)."""
+  """Per clip: entry, label, class, credit and licence (for info.json and star_jax/data/opensfx_credits.tsv)."""
   return [dict(entry=c.index, label=c.label, cls=class_name(c.label), credit=c.credit, license=c.license,
                duration_s=round(c.wave.shape[0] / c.rate_hz, 3)) for c in clips]

@@ -1,4 +1,4 @@
-"""Build ArrayRecord datasets of (speech, audio, labels) records; see README "Data".
+"""Build ArrayRecord datasets of (speech, audio, labels) records; see docs/data.md.
 
   star-jax prepare opensfx --out data/opensfx --audio-rate-hz 16000
   star-jax prepare audiocaps --captions train.csv --audio-dir clips/ --audioset-segments seg.csv \\

@@ -1,6 +1,6 @@
 """Does a trained stage 1 hear the words or the voice? Its scores on voices it trained on and on the held-out one.
 
-  python scripts/stage1_voice_check.py outputs/demo/stage1 --data outputs/demo/data
+  python scripts/research/stage1_voice_check.py outputs/demo/stage1 --data outputs/demo/data
 
 For the train split's single-event clips, the valid split (voices of the training pool, an unseen template) and the test
 split's single-event clips spoken by the held-out voice:

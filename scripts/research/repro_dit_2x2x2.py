@@ -1,6 +1,6 @@
 """Reproduces XLA's 2x2x2-mesh miscomputation of the DiT that star-jax works around (sharding.gather_fsdp).
 
-  python scripts/repro_dit_2x2x2.py [--constraints] [--rule mlp=None] [--mesh data=2,fsdp=2,tensor=2]
+  python scripts/research/repro_dit_2x2x2.py [--constraints] [--rule mlp=None] [--mesh data=2,fsdp=2,tensor=2]
 
 Prints the DiT's loss (mean v^2) on one device and on the mesh, as a plain jitted forward and through
 jax.value_and_grad. Everything should agree to ~1e-6. Without --constraints (no mesh context, so Dense does

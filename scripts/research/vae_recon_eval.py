@@ -1,9 +1,9 @@
 """Train (or resume) a tiny `vae` stage, then score its reconstructions with the demo's evaluator.
 
-  python scripts/vae_recon_eval.py WORKDIR --data outputs/demo/data [--set vae_stage.steps=1200 ...]
+  python scripts/research/vae_recon_eval.py WORKDIR --data outputs/demo/data [--set vae_stage.steps=1200 ...]
 
 The demo's generated audio can score no better than the VAE's reconstructions, so this is the quick way to
-compare VAE settings (issue 6). Prints the event accuracy of the real test queries and of their
+compare VAE settings (docs/notes/tiny_demo.md). Prints the event accuracy of the real test queries and of their
 reconstructions, and the reconstructions' Fréchet distance to the real clips in the evaluator's space.
 """
 

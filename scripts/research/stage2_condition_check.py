@@ -1,6 +1,6 @@
 """How much does a trained stage 2 use its condition? Two measurements on the training split of a demo workdir.
 
-  python scripts/stage2_condition_check.py outputs/demo [--cfg 1 3 6] [--clips 128]
+  python scripts/research/stage2_condition_check.py outputs/demo [--cfg 1 3 6] [--clips 128]
 
 1. Flow loss of the DiT at fixed noise levels σ with the spoken query's bridge tokens, a zero condition and the
    tokens of another clip (shuffled). The condition can only lower the loss where the noise hides the clip

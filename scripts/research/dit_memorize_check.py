@@ -1,7 +1,7 @@
 """Can the DiT of a config memorise K clips? A yardstick for stage 2's DiT, free of the evaluator.
 
-  python scripts/dit_memorize_check.py outputs/demo/data [--clips 4] [--steps 1000] [--set dit.abs_pe=sinusoidal]
-  python scripts/dit_memorize_check.py outputs/demo/data --records single --tokens bridge --bundle outputs/demo/bundle
+  python scripts/research/dit_memorize_check.py outputs/demo/data [--clips 4] [--steps 1000] [--set dit.abs_pe=sinusoidal]
+  python scripts/research/dit_memorize_check.py outputs/demo/data --records single --tokens bridge --bundle outputs/demo/bundle
 
 Takes the cached VAE latents (`prepare cache`) of K single-event training clips of different classes (--records
 first), or of every single-event training record (--records single: ~13 per class, several clips for some
