@@ -80,6 +80,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       text_max_tokens=32,  # rows of the records' text_emb the tta stage reads
       skip_bad_records=False,  # True: replace and count unreadable records instead of stopping (docs/recovery.md)
       sample_latents=True,  # cached VAE posteriors (prepare cache): serve mean + std·ε (False: the mean)
+      # "synthesized": the train split's captions are spoken anew as they are read, a voice per example and epoch
+      # from `synth`'s pool (star_jax.data.speak); held-out splits keep their stored voices. "stored": as prepared.
+      speech_source="stored",
+      synth=dict(espeak=True, vits_models=(), vits_share=0.5, max_caption_chars=500),
   )
 
   # --- Training: each stage reads its own section; `init_*` name the workdirs a stage starts from.

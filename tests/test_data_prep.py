@@ -11,6 +11,7 @@ import soundfile as sf
 
 from star_jax.data import opensfx, prepare_cli, records, tts
 from star_jax.errors import UserError
+from tests.tiny_vits import save_tiny_vits
 
 HAS_ESPEAK = shutil.which("espeak-ng") is not None
 needs_espeak = pytest.mark.skipif(not HAS_ESPEAK, reason="espeak-ng not installed")
@@ -122,29 +123,8 @@ def test_audiocaps_prep_skips_bad_items_with_reasons_and_rerun_is_noop(fake_audi
     _prepare(*_audiocaps_args(fake_audiocaps, out, "--tts", "espeak", "--min-duration-s", "0.1"))
 
 
-def _tiny_vits(model_dir):
-  torch = pytest.importorskip("torch")
-  from transformers import VitsConfig, VitsModel, VitsTokenizer
-
-  chars = list("abcdefghijklmnopqrstuvwxyz '")
-  vocab = {"<pad>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
-  model_dir.mkdir()
-  (model_dir / "vocab.json").write_text(json.dumps(vocab))
-  tokenizer = VitsTokenizer(str(model_dir / "vocab.json"), phonemize=False, add_blank=True, normalize=True)
-  config = VitsConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                      ffn_dim=32, flow_size=16, spectrogram_bins=8, duration_predictor_num_flows=2,
-                      duration_predictor_filter_channels=16, prior_encoder_num_flows=2,
-                      posterior_encoder_num_wavenet_layers=2, prior_encoder_num_wavenet_layers=2,
-                      upsample_initial_channel=16, upsample_rates=[8, 2], upsample_kernel_sizes=[16, 4],
-                      resblock_kernel_sizes=[3, 7], resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5]],
-                      sampling_rate=22050)
-  torch.manual_seed(0)
-  VitsModel(config).save_pretrained(model_dir)
-  tokenizer.save_pretrained(model_dir)
-
-
 def test_vits_tts_is_batched_and_seeded(tmp_path):
-  _tiny_vits(tmp_path / "vits")
+  save_tiny_vits(tmp_path / "vits")
   voice = tts.VitsTTS(str(tmp_path / "vits"), 16000, batch_size=2)
   assert voice.model.noise_scale == 0.667 and voice.model.noise_scale_duration == 0.8
   texts = ["a dog barks", "rain on a roof", "wind"]
@@ -157,7 +137,7 @@ def test_vits_tts_is_batched_and_seeded(tmp_path):
 
 
 def test_vits_speaks_in_the_prep_path(fake_audiocaps, tmp_path):
-  _tiny_vits(tmp_path / "vits")
+  save_tiny_vits(tmp_path / "vits")
   out = tmp_path / "out"
   assert _prepare(*_audiocaps_args(fake_audiocaps, out, "--tts", "vits", "--tts-model", str(tmp_path / "vits"),
                                    "--split", "val")) == 0

@@ -24,20 +24,15 @@ import numpy as np
 
 from star_jax.data import audio as audio_lib
 from star_jax.data import text as text_lib
-from star_jax.data.tts import DEFAULT_VOICES, EspeakTTS, Voice
+from star_jax.data.tts import DEFAULT_VOICES, ESPEAK_POOL, EspeakTTS, Voice
 
 CAT_PATH = "/usr/share/games/openttd/baseset/opensfx/opensfx.cat"
 TRAIN_TEMPLATES = ("{a}", "the sound of {a}", "a recording of {a}")
 VALID_TEMPLATE = "you can hear {a}"
 TEST_VOICE = DEFAULT_VOICES[4]  # en-029+f2: held out, its accent and variant never speak in train or valid
-# The pool train and valid voices come from: espeak-ng's English accents (bar the held-out one) x its voice
-# variants (bar the held-out one) x speeds x pitches. Four fixed voices let the tiny
-# stage 1 learn the four voices rather than the words: held-out-voice mAP 0.607 against 0.833 on valid, 0.627 with
-# the pool (scripts/research/stage1_voice_check.py). "en" is British English ("en-gb" would drop the variant).
-TRAIN_ACCENTS = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-us-nyc")
-TRAIN_VARIANTS = ("", "+f1", "+f3", "+f4", "+f5", "+m1", "+m2", "+m3", "+m4", "+m5", "+m6", "+m7")
-TRAIN_SPEEDS_WPM = (130, 186)  # [low, high)
-TRAIN_PITCHES = (25, 86)
+# Train and valid voices come from `tts.ESPEAK_POOL` (no held-out accent or variant). Four fixed voices let the
+# tiny stage 1 learn the four voices rather than the words: held-out-voice mAP 0.607 against 0.833 on valid,
+# 0.627 with the pool (scripts/research/stage1_voice_check.py).
 VOICE_SEED = 4321
 NUM_MIXTURES = 120
 TEST_MIXTURE_FRACTION = 0.2
@@ -117,10 +112,7 @@ class Spec:
 
 def train_voice(*key: int) -> Voice:
   """The pool voice for a record, drawn deterministically from its key (clip, template, copy, split...)."""
-  rng = np.random.default_rng([VOICE_SEED, *key])
-  accent = TRAIN_ACCENTS[int(rng.integers(len(TRAIN_ACCENTS)))]
-  variant = TRAIN_VARIANTS[int(rng.integers(len(TRAIN_VARIANTS)))]
-  return Voice(accent + variant, int(rng.integers(*TRAIN_SPEEDS_WPM)), int(rng.integers(*TRAIN_PITCHES)))
+  return ESPEAK_POOL.draw(np.random.default_rng([VOICE_SEED, *key]))
 
 
 def plan(clips: Sequence[Clip]) -> tuple[list[str], dict[str, list[Spec]]]:

@@ -11,9 +11,12 @@ and batched. Batch fields (B = per-process batch size):
   latents (B, Tl, Dl), latents_mask (B, Tl)        if cached; Tl = audio_duration_s * latent_frame_rate_hz; with a
                                                    cached posterior (latents_std) a fresh sample mean + std·ε per
                                                    element (seeded like the crop), or its mean (sample_latents=False)
-  id, caption (B,) numpy unicode arrays            host-only: drop them before device_put
+  id, caption, voice (B,) numpy unicode arrays     host-only: drop them before device_put
 Bad shards and records raise `source.BadRecordError` naming them, or with skip_bad_records are replaced and
 counted in `BatchIterator.bad_records` (see star_jax.data.source).
+With `data.speech_source: synthesized` the train split's speech is spoken anew as each record is read, a fresh
+voice per example and epoch (star_jax.data.speak); other splits keep their stored, fixed voices. Captions that
+cannot be spoken keep their stored speech, counted in `BatchIterator.speech_fallbacks`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from star_jax.constants import FRAME_RATE_HZ as FEATURE_RATE_HZ
 from star_jax.data import audio as audio_lib
 from star_jax.data import records
 from star_jax.data import source as source_lib
+from star_jax.data import speak as speak_lib
 from star_jax.errors import UserError
 
 
@@ -93,7 +97,9 @@ class FitRecord(grain.transforms.RandomMap):
 
   def random_map(self, r: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     out: dict[str, Any] = {"id": np.str_(r["id"]), "caption": np.str_(r["caption"]),
-                           "_bad": r["_bad"], "_bad_where": r["_bad_where"]}
+                           "voice": np.str_(r.get("voice", "")), "_bad": r["_bad"], "_bad_where": r["_bad_where"],
+                           "_tts_fallback": r.get("_tts_fallback", np.int32(0)),
+                           "_tts_why": r.get("_tts_why", np.str_(""))}
     speech = self._wave(r["speech"], self._cached(r, "hubert"), self.speech_rate_hz, self.speech_duration_s,
                         self.hubert_rate_hz, rng)
     latents = self._cached(r, "latents")
@@ -117,11 +123,12 @@ class FitRecord(grain.transforms.RandomMap):
 
 
 class BatchIterator:
-  """grain's DataLoaderIterator plus bad-record accounting; `bad_records` is saved in the state."""
+  """grain's DataLoaderIterator plus bad-record and speech-fallback accounting, both saved in the state."""
 
   def __init__(self, iterator):
     self._iterator = iterator
     self.bad_records = 0  # bad records skipped so far (each time one is met: once per epoch)
+    self.speech_fallbacks = 0  # synthesised-speech elements that kept their stored speech
     self._warned: set[str] = set()
 
   def __iter__(self):
@@ -134,16 +141,23 @@ class BatchIterator:
     for w in set(where[bad > 0].tolist()) - self._warned:
       logging.warning("skipped a bad record (replaced by another): %s", w)
       self._warned.add(w)
+    fallback, why = batch.pop("_tts_fallback"), batch.pop("_tts_why")
+    self.speech_fallbacks += int(fallback.sum())
+    for w in set(why[fallback > 0].tolist()) - self._warned:
+      logging.warning("could not synthesise speech, kept the stored speech: %s", w)
+      self._warned.add(w)
     return batch
 
   def get_state(self) -> bytes:
     state = json.loads(self._iterator.get_state())
     state["bad_records"] = self.bad_records
+    state["speech_fallbacks"] = self.speech_fallbacks
     return json.dumps(state, indent=4).encode()
 
   def set_state(self, state: bytes) -> None:
     state = json.loads(state)
     self.bad_records = int(state.pop("bad_records", 0))
+    self.speech_fallbacks = int(state.pop("speech_fallbacks", 0))
     self._iterator.set_state(json.dumps(state).encode())
 
   def start_prefetch(self) -> None:
@@ -162,7 +176,8 @@ def make_iterator(data_cfg, split: str, *, batch_size: int, audio_sample_rate_hz
   random_crop defaults to split == "train"; crops are seeded by (seed, record position), so they replay
   exactly after a restore. skip_bad_records (default data.skip_bad_records, False): replace and count bad
   records instead of raising `source.BadRecordError`. sample_latents (default data.sample_latents, True): serve
-  cached posteriors as samples, else as their mean.
+  cached posteriors as samples, else as their mean. data.speech_source "synthesized" speaks the train split's
+  captions anew (star_jax.data.speak, voices from data.synth); cached HuBERT frames are then not served.
   """
   import absl.flags
 
@@ -172,6 +187,17 @@ def make_iterator(data_cfg, split: str, *, batch_size: int, audio_sample_rate_hz
     raise UserError(f"{path} has no split '{split}'; it has {sorted(info.get('splits', {}))}")
   if skip_bad_records is None:
     skip_bad_records = bool(data_cfg.get("skip_bad_records", False))
+  speech_source = data_cfg.get("speech_source", "stored")
+  if speech_source not in speak_lib.SPEECH_SOURCES:
+    raise UserError(f"data.speech_source '{speech_source}': choose one of {list(speak_lib.SPEECH_SOURCES)}")
+  synthesize = speech_source == "synthesized" and split == "train"  # held-out splits keep their fixed voices
+  operations = []
+  if synthesize:
+    operations.append(speak_lib.SpeakCaption(speak_lib.Pool.from_config(data_cfg.get("synth")),
+                                             info["speech_sample_rate_hz"]))
+  cached_fields = tuple(info["cache"].get(split, {})) if "cache" in info else None
+  if synthesize and cached_fields is not None:
+    cached_fields = tuple(f for f in cached_fields if f != "hubert")
   source = source_lib.RecordSource(source_lib.split_shards(path, split), skip_bad_records=skip_bad_records)
   if process_index is None or process_count is None:
     import jax
@@ -189,11 +215,12 @@ def make_iterator(data_cfg, split: str, *, batch_size: int, audio_sample_rate_hz
       latent_rate_hz=float(info.get("latent_frame_rate_hz", FEATURE_RATE_HZ)),
       random_crop=split == "train" if random_crop is None else random_crop,
       sample_latents=bool(data_cfg.get("sample_latents", True) if sample_latents is None else sample_latents),
-      cached_fields=tuple(info["cache"].get(split, {})) if "cache" in info else None)
+      cached_fields=cached_fields)
   shard_options = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count,
                                               drop_remainder=drop_remainder)
   sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard_options, shuffle=shuffle,
                                         num_epochs=num_epochs, seed=int(seed))
   loader = grain.DataLoader(data_source=source, sampler=sampler, worker_count=num_workers,
-                            operations=[fit, grain.transforms.Batch(batch_size, drop_remainder=drop_remainder)])
+                            operations=[*operations, fit, grain.transforms.Batch(batch_size,
+                                                                                 drop_remainder=drop_remainder)])
   return BatchIterator(iter(loader))

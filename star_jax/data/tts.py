@@ -2,8 +2,11 @@
 
 - `VitsTTS`: a `transformers.VitsModel` from a local directory (e.g. an LJSpeech VITS in transformers
   format, as STAR used), batched, seeded, with STAR's noise scales 0.667 / 0.8.
-- `EspeakTTS`: the espeak-ng command (offline, no model), varying voice, speed and pitch.
-Data prep uses them to speak captions; a pipeline transform may call them to synthesise on the fly.
+- `EspeakTTS`: espeak-ng (offline, no model), varying voice, speed and pitch: its command, or its C library
+  through a server that loads it once and speaks each caption in a fork (`in_process=True`; no process start
+  and voice-data load per caption, see espeak_server.py).
+- `ESPEAK_POOL`: the accents x variants x speeds x pitches that training voices are drawn from.
+Data prep uses them to speak captions; `star_jax.data.speak` speaks them as the pipeline reads each record.
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import struct
 import subprocess
+import sys
+import threading
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -54,6 +60,28 @@ DEFAULT_VOICES = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class VoicePool:
+  """espeak-ng voices `accent + variant` at a speed in [speeds_wpm) and a pitch in [pitches)."""
+  accents: tuple[str, ...]
+  variants: tuple[str, ...]
+  speeds_wpm: tuple[int, int]  # [low, high)
+  pitches: tuple[int, int]
+
+  def draw(self, rng: np.random.Generator) -> Voice:
+    accent = self.accents[int(rng.integers(len(self.accents)))]
+    variant = self.variants[int(rng.integers(len(self.variants)))]
+    return Voice(accent + variant, int(rng.integers(*self.speeds_wpm)), int(rng.integers(*self.pitches)))
+
+
+# espeak-ng's English accents bar the held-out voice's (DEFAULT_VOICES[4], Caribbean) x its voice variants bar
+# the held-out one (f2). "en" is British English ("en-gb" would drop the variant).
+ESPEAK_POOL = VoicePool(
+    accents=("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-us-nyc"),
+    variants=("", "+f1", "+f3", "+f4", "+f5", "+m1", "+m2", "+m3", "+m4", "+m5", "+m6", "+m7"),
+    speeds_wpm=(130, 186), pitches=(25, 86))
+
+
 def _parse_wav_stream(data: bytes) -> tuple[np.ndarray, int]:
   """espeak-ng --stdout writes a WAV whose size fields are unset; read the PCM after the 'data' tag."""
   if data[:4] != b"RIFF" or b"data" not in data[:256]:
@@ -64,25 +92,74 @@ def _parse_wav_stream(data: bytes) -> tuple[np.ndarray, int]:
   return pcm.astype(np.float32) / 32768.0, rate
 
 
+class _EspeakServer:
+  """A client of `espeak_server.py` (one server per process; one utterance at a time)."""
+
+  _running: dict[int, "_EspeakServer"] = {}  # by process id: a forked grain worker starts its own
+  _start_lock = threading.Lock()
+
+  def __init__(self):
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "espeak_server.py")
+    # -S -E: no site packages or environment, so the server starts in milliseconds and loads nothing else.
+    self._process = subprocess.Popen([sys.executable, "-S", "-E", script], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE)
+    self.lock = threading.Lock()
+    header = self._process.stdout.read(4)
+    self.rate_hz = struct.unpack("<i", header)[0] if len(header) == 4 else -1
+    if self.rate_hz <= 0:
+      self._process.kill()
+      raise UserError("espeak-ng's library (libespeak-ng.so.1) did not start: install espeak-ng "
+                      "(apt-get install espeak-ng)")
+
+  @classmethod
+  def get(cls) -> "_EspeakServer":
+    with cls._start_lock:
+      server = cls._running.get(os.getpid())
+      if server is None or server._process.poll() is not None:
+        server = cls._running[os.getpid()] = cls()
+      return server
+
+  def speak(self, text: str, voice: Voice) -> np.ndarray:
+    """-> int16 PCM at rate_hz."""
+    data, name = text.encode("utf-8"), voice.name.encode()
+    with self.lock:
+      try:
+        self._process.stdin.write(struct.pack("<4i", len(data), len(name), voice.speed_wpm, voice.pitch) + data
+                                  + name)
+        self._process.stdin.flush()
+        header = self._process.stdout.read(4)
+        size = struct.unpack("<i", header)[0]
+        body = self._process.stdout.read(abs(size))
+      except (OSError, struct.error):
+        raise RuntimeError(f"the espeak-ng server stopped (exit code {self._process.poll()})") from None
+    if size < 0:
+      raise RuntimeError(body.decode(errors="replace"))
+    return np.frombuffer(body, "<i2")
+
+
 class EspeakTTS:
   """espeak-ng; text i is spoken by a voice drawn from `voices` with a generator seeded by `seed`."""
 
   def __init__(self, voices: Sequence[Voice] = DEFAULT_VOICES, sample_rate_hz: int = 16000,
-               executable: str = "espeak-ng"):
+               executable: str = "espeak-ng", in_process: bool = False):
     self.executable = shutil.which(executable)
-    if self.executable is None:
+    if self.executable is None and not in_process:
       raise UserError(f"{executable} not found: install it (apt-get install espeak-ng) or use --tts vits")
     self.voices = tuple(voices)
     self.sample_rate_hz = sample_rate_hz
+    self.in_process = in_process
 
   def speak(self, text: str, voice: Voice) -> Utterance:
     if not text.strip():
       return Utterance(np.zeros((0,), np.float32), voice.tag)
-    # "--" ends options, so a caption starting with "-" is read as text.
-    cmd = [self.executable, "-v", voice.name, "-s", str(voice.speed_wpm), "-p", str(voice.pitch),
-           "--stdout", "--", text]
-    data = subprocess.run(cmd, check=True, capture_output=True, timeout=60).stdout
-    wave, rate = _parse_wav_stream(data)
+    if self.in_process:
+      server = _EspeakServer.get()
+      wave, rate = server.speak(text, voice).astype(np.float32) / 32768.0, server.rate_hz
+    else:
+      # "--" ends options, so a caption starting with "-" is read as text.
+      cmd = [self.executable, "-v", voice.name, "-s", str(voice.speed_wpm), "-p", str(voice.pitch),
+             "--stdout", "--", text]
+      wave, rate = _parse_wav_stream(subprocess.run(cmd, check=True, capture_output=True, timeout=60).stdout)
     return Utterance(resample(wave, rate, self.sample_rate_hz), voice.tag)
 
   def synthesize(self, texts: Sequence[str], seed: int = 0) -> list[Utterance]:
@@ -117,8 +194,17 @@ class VitsTTS:
     self.sample_rate_hz = sample_rate_hz
     self.voice = "vits:" + os.path.basename(os.path.normpath(model_dir))
 
-  def synthesize(self, texts: Sequence[str], seed: int = 0) -> list[Utterance]:
+  @property
+  def num_speakers(self) -> int:
+    return int(self.model.config.num_speakers)
+
+  def synthesize(self, texts: Sequence[str], seed: int = 0, speaker_id: int | None = None) -> list[Utterance]:
+    """`speaker_id` picks a voice of a multi-speaker model (None: speaker 0)."""
     torch = self._torch
+    if speaker_id is not None and not 0 <= speaker_id < max(self.num_speakers, 1):
+      raise ValueError(f"speaker {speaker_id} of a {self.num_speakers}-speaker model")
+    use_speaker = self.num_speakers > 1
+    voice = self.voice + (f"#{speaker_id or 0}" if use_speaker else "")
     out: list[Utterance] = []
     for start in range(0, len(texts), self.batch_size):
       batch = list(texts[start:start + self.batch_size])
@@ -128,14 +214,15 @@ class VitsTTS:
       if bool(speakable.any()):
         keep = speakable.nonzero().flatten()
         torch.manual_seed(seed * 1_000_003 + start)
+        extra = dict(speaker_id=int(speaker_id or 0)) if use_speaker else {}
         with torch.no_grad():
           result = self.model(input_ids=inputs["input_ids"][keep].to(self.device),
-                              attention_mask=inputs["attention_mask"][keep].to(self.device))
+                              attention_mask=inputs["attention_mask"][keep].to(self.device), **extra)
         wave_bt = result.waveform.float().cpu().numpy()
         for row, i in enumerate(keep.tolist()):
           length = int(result.sequence_lengths[row])
           waves[i] = resample(wave_bt[row, :length], self.model.config.sampling_rate, self.sample_rate_hz)
-      out.extend(Utterance(w, self.voice) for w in waves)
+      out.extend(Utterance(w, voice) for w in waves)
     return out
 
 
