@@ -60,16 +60,16 @@ CASCADE_SIZES = {
 
 def load_utterances(path: str, split: str, count: int) -> list[dict]:
   """`count` records evenly spaced over `split` (all if fewer): dicts with id, caption, speech (T,) f32."""
-  import grain
+  import tensorflow_datasets as tfds
 
   from star_jax.data import records
 
   info = records.read_info(path)
   if info["speech_sample_rate_hz"] != SAMPLE_RATE_HZ:
     raise SystemExit(f"{path}: speech is at {info['speech_sample_rate_hz']} Hz, expected {SAMPLE_RATE_HZ}")
-  source = grain.sources.ArrayRecordDataSource(records.shard_paths(path, split))
+  source = tfds.builder_from_directory(info["version_dir"]).as_data_source(split)
   indices = np.unique(np.linspace(0, len(source) - 1, min(count, len(source))).round().astype(int))
-  return [records.decode_record(source[int(i)]) for i in indices]
+  return [records.from_example(source[int(i)]) for i in indices]
 
 
 def token_counts(caption: str) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from star_jax.errors import UserError
 # name -> (module, one-line help). A command appears only when its module exists.
 COMMANDS = {
     "demo": ("star_jax.demo", "train a tiny STAR on the built-in corpus and speak-to-sound end to end"),
-    "prepare": ("star_jax.data.prepare_cli", "build ArrayRecord datasets (audiocaps, opensfx, cache)"),
+    "prepare": ("star_jax.data.prepare_cli", "build TFDS datasets (audiocaps, opensfx) and feature caches (cache)"),
     "train": ("star_jax.train.cli", "train one stage (vae, tta, stage1, stage2) from a config"),
     "generate": ("star_jax.generate", "speech wav(s) in, generated audio wav(s) out"),
     "export": ("star_jax.export", "write an inference bundle from training checkpoints"),

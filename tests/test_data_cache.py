@@ -2,6 +2,7 @@
 the pipeline serves them aligned with the crops, and a rerun is a no-op."""
 
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -14,9 +15,10 @@ import pytest
 from star_jax import cli
 from star_jax.checkpoint import TrainCheckpointer, save_params
 from star_jax.data import audio as audio_lib
-from star_jax.data import cache, pipeline, records
+from star_jax.data import cache, pipeline, records, source
 from star_jax.models.hubert import Hubert, HubertConfig, frame_lengths
 from star_jax.models.vae import OobleckVAE, VAEConfig, latent_length
+from tests.dataset_writer import write_split
 
 SPEECH_RATE, AUDIO_RATE = 16000, 16000  # the audio is stored at 16 kHz, the VAE reads 8 kHz (resampled)
 HUBERT_CFG = HubertConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, conv_dim=(8,) * 7,
@@ -56,15 +58,8 @@ def setup(tmp_path_factory):
                speech=rng.uniform(-0.5, 0.5, SPEECH_LENGTHS[i % 2]).astype(np.float32),
                audio=rng.uniform(-0.5, 0.5, AUDIO_LENGTHS[i % 2]).astype(np.float32)) for i in range(sum(SHARDS))]
   data = str(root / "data")
-  os.makedirs(data)
-  start = 0
-  for s, n in enumerate(SHARDS):  # as `star-jax prepare` writes them: shard, sidecar, info
-    path = os.path.join(data, records.shard_name("train", s, len(SHARDS)))
-    records.write_shard(path, [records.encode_record(r) for r in recs[start:start + n]])
-    records.write_json(path + ".json", dict(shard=os.path.basename(path), records=n, skipped=[]))
-    start += n
-  records.update_info(data, "train", len(recs), label_names=list("abc"), speech_sample_rate_hz=SPEECH_RATE,
-                      audio_sample_rate_hz=AUDIO_RATE)
+  write_split(data, "train", recs, shard_size=SHARDS[0], label_names=list("abc"), speech_sample_rate_hz=SPEECH_RATE,
+              audio_sample_rate_hz=AUDIO_RATE)
   argv = ["prepare", "cache", "--data", data, "--hubert", hubert_dir, "--vae", vae_dir, "--batch-size", "3",
           "--no-progress"]
   assert cli.main(argv) == 0
@@ -72,9 +67,17 @@ def setup(tmp_path_factory):
 
 
 def _cached(data):
-  from star_jax.data.cache import _read_shard
-  return [r for s in range(len(SHARDS))
-          for r in _read_shard(os.path.join(data, records.shard_name("train", s, len(SHARDS))))]
+  """Every record of the corpus with its cached features joined, as the pipeline reads them."""
+  info = records.read_info(data)
+  src = source.RecordSource(source.split_part(info["version_dir"], "train"),
+                            cached=tuple(source.split_part(d, "train") for d in info["cache_dirs"].values()))
+  return [src[i] for i in range(len(src))]
+
+
+def _shards(data, field):
+  name = records.CACHED[field]
+  return [os.path.join(data, name, "1.0.0", records.shard_name(name, "train", s, len(SHARDS)))
+          for s in range(len(SHARDS))]
 
 
 def _by_length(arrays):
@@ -116,8 +119,13 @@ def test_cached_features_equal_the_models_run_on_each_record(setup):
 
   info = records.read_info(setup["data"])
   assert info["hubert_frame_rate_hz"] == 50 and info["latent_frame_rate_hz"] == 50
-  assert info["hubert_dim"] == 16 and info["latent_dim"] == 3 and "latents_std" in info["schema"]
+  assert info["hubert_dim"] == 16 and info["latent_dim"] == 3
   assert info["cache"]["train"]["latents"]["dtype"] == "float32"
+  # Each cache is a TFDS dataset of its own, readable without this code or TensorFlow.
+  import tensorflow_datasets as tfds
+  latents = tfds.builder_from_directory(info["cache_dirs"]["latents"])
+  assert set(latents.info.features.keys()) == {"id", "latents", "latents_std"}
+  assert latents.info.splits["train"].num_examples == len(recs)
 
 
 def _locate(cached_feats, served_feats, served_mask):
@@ -167,7 +175,8 @@ def test_pipeline_serves_the_cache_aligned_with_the_crops(setup):
 
 def test_rerun_is_a_noop_and_an_interrupted_recache_resumes(setup, capsys, monkeypatch, tmp_path):
   data = setup["data"]
-  shards = [os.path.join(data, records.shard_name("train", s, len(SHARDS))) for s in range(len(SHARDS))]
+  shards = _shards(data, "hubert") + _shards(data, "latents")
+  shards += sorted(glob.glob(os.path.join(records.read_info(data)["version_dir"], "*")))  # the corpus: never written
   before = [os.stat(p).st_mtime_ns for p in shards]
   capsys.readouterr()
   assert cli.main(setup["argv"]) == 0
@@ -213,17 +222,19 @@ def test_rerun_is_a_noop_and_an_interrupted_recache_resumes(setup, capsys, monke
   batch = next(pipeline.make_iterator(cfg, "train", batch_size=7, audio_sample_rate_hz=AUDIO_RATE,
                                       process_index=0, process_count=1))
   assert "hubert" in batch and "latents" not in batch
-  written = os.stat(shards[0]).st_mtime_ns
+  latents_0 = _shards(data, "latents")[0]
+  written = os.stat(latents_0).st_mtime_ns
   capsys.readouterr()
   assert cli.main(argv) == 0
-  assert "1 of 2 shards written now" in capsys.readouterr().out and os.stat(shards[0]).st_mtime_ns == written
+  assert "1 of 2 shards written now" in capsys.readouterr().out and os.stat(latents_0).st_mtime_ns == written
   cached = _cached(data)
   assert all(c["latents"].dtype == np.float16 and c["hubert"].dtype == np.float32 for c in cached)
-  for p in shards:
-    with open(p + ".json") as f:
-      sidecar = json.load(f)
-    assert sidecar["cache"]["latents"]["dtype"] == "float16" and sidecar["cache"]["hubert"]["dtype"] == "float32"
-  assert sidecar["records"] == SHARDS[1] and sidecar["skipped"] == []
+  for field, dtype in (("latents", "float16"), ("hubert", "float32")):
+    for p in _shards(data, field):
+      with open(p + ".json") as f:
+        sidecar = json.load(f)
+      assert sidecar["settings"]["dtype"] == dtype
+  assert sidecar["records"] == SHARDS[1]
   batch = next(pipeline.make_iterator(cfg, "train", batch_size=7, audio_sample_rate_hz=AUDIO_RATE,
                                       process_index=0, process_count=1))
   assert batch["latents"].dtype == np.float32 and batch["latents"].shape == (7, 15, 3)

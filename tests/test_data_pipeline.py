@@ -5,33 +5,32 @@ import os
 import numpy as np
 import pytest
 
-from star_jax.data import pipeline, records
+from star_jax.data import pipeline
+from tests.dataset_writer import write_cache, write_split
 
 NUM = 22
 SPEECH_RATE, AUDIO_RATE = 16000, 8000
 
 
-def _record(i, with_features):
+def _record(i):
   speech_len, audio_len = 8000 + 1000 * i, 4000 + 700 * i
   # Waveforms count their own time so a test can read where a crop started.
-  r = dict(id=f"r{i:02d}", caption=" ".join(["word"] * (1 + i % 5)),
-           speech=(np.arange(speech_len) / SPEECH_RATE).astype(np.float32),
-           audio=(np.arange(audio_len) / AUDIO_RATE).astype(np.float32),
-           labels=np.eye(5, dtype=np.uint8)[i % 5], text_emb=np.full((1 + i % 5, 4), i, np.float32))
-  if with_features:  # 50 frames/s, value = the frame's start time
-    r["hubert"] = np.repeat((np.arange(speech_len // 320) / 50)[:, None], 3, 1).astype(np.float32)
-    r["latents"] = np.repeat((np.arange(audio_len // 160) / 50)[:, None], 2, 1).astype(np.float32)
-  return r
+  return dict(id=f"r{i:02d}", caption=" ".join(["word"] * (1 + i % 5)),
+              speech=(np.arange(speech_len) / SPEECH_RATE).astype(np.float32),
+              audio=(np.arange(audio_len) / AUDIO_RATE).astype(np.float32),
+              labels=np.eye(5, dtype=np.uint8)[i % 5], text_emb=np.full((1 + i % 5, 4), i, np.float32))
 
 
 def _write(path, with_features=False):
-  os.makedirs(path)
-  recs = [_record(i, with_features) for i in range(NUM)]
-  for s, start in enumerate(range(0, NUM, 8)):  # 3 shards: 8, 8, 6
-    records.write_shard(os.path.join(path, records.shard_name("train", s, 3)),
-                        [records.encode_record(r) for r in recs[start:start + 8]])
-  records.update_info(path, "train", NUM, label_names=list("abcde"), speech_sample_rate_hz=SPEECH_RATE,
-                      audio_sample_rate_hz=AUDIO_RATE, text_dim=4)
+  recs = [_record(i) for i in range(NUM)]
+  write_split(path, "train", recs, label_names=list("abcde"), speech_sample_rate_hz=SPEECH_RATE,
+              audio_sample_rate_hz=AUDIO_RATE, text_dim=4)  # 3 shards: 8, 8, 6
+  if with_features:  # 50 frames/s, value = the frame's start time
+    frames = [np.repeat((np.arange(len(r["speech"]) // 320) / 50)[:, None], 3, 1).astype(np.float32) for r in recs]
+    write_cache(path, "train", "hubert", [dict(id=r["id"], hubert=f) for r, f in zip(recs, frames)])
+    latents = [np.repeat((np.arange(len(r["audio"]) // 160) / 50)[:, None], 2, 1).astype(np.float32) for r in recs]
+    write_cache(path, "train", "latents", [dict(id=r["id"], latents=lat, latents_std=np.zeros_like(lat))
+                                           for r, lat in zip(recs, latents)])
   return recs
 
 

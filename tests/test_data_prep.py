@@ -82,10 +82,11 @@ def _audiocaps_args(fake, out, *extra):
 
 
 def _read_all(out, split):
-  from array_record.python import array_record_data_source
+  """Every record of `split`, read as any TFDS user would (no star_jax code, no TensorFlow)."""
+  import tensorflow_datasets as tfds
 
-  source = array_record_data_source.ArrayRecordDataSource(records.shard_paths(str(out), split))
-  return [records.decode_record(source[i]) for i in range(len(source))]
+  source = tfds.builder_from_directory(records.find_dataset(str(out))).as_data_source(split)
+  return [records.from_example(source[i]) for i in range(len(source))]
 
 
 @needs_espeak
@@ -112,12 +113,14 @@ def test_audiocaps_prep_skips_bad_items_with_reasons_and_rerun_is_noop(fake_audi
     np.testing.assert_array_equal(r["labels"], [1, i % 2, 1 - i % 2])
     assert r["text_emb"].shape[1] == 64
 
-  shard_files = sorted(p for p in os.listdir(out) if ".array_record-" in p)
-  mtimes = {p: os.stat(out / p).st_mtime_ns for p in shard_files}
+  version_dir = info["version_dir"]
+  assert version_dir == str(out / "audiocaps" / "1.0.0")
+  shard_files = sorted(p for p in os.listdir(version_dir) if ".array_record-" in p)
+  mtimes = {p: os.stat(os.path.join(version_dir, p)).st_mtime_ns for p in shard_files}
   assert _prepare(*_audiocaps_args(fake_audiocaps, out, "--tts", "espeak")) == 0
   again = json.loads((out / "train.report.json").read_text())
   assert again["shards_written_now"] == 0 and again["records"] == report["records"]
-  assert {p: os.stat(out / p).st_mtime_ns for p in shard_files} == mtimes
+  assert {p: os.stat(os.path.join(version_dir, p)).st_mtime_ns for p in shard_files} == mtimes
 
   with pytest.raises(UserError, match="other settings"):
     _prepare(*_audiocaps_args(fake_audiocaps, out, "--tts", "espeak", "--min-duration-s", "0.1"))

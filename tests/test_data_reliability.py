@@ -8,11 +8,11 @@ import shutil
 import numpy as np
 import pytest
 import soundfile as sf
-from array_record.python.array_record_module import ArrayRecordWriter
 
 from star_jax import cli
 from star_jax.data import audio, audiocaps, pipeline, records
 from star_jax.data.source import BadRecordError
+from tests.dataset_writer import shard_path, write_split
 
 NUM_SHARDS, PER_SHARD = 3, 6
 AUDIO_RATE = 8000
@@ -26,22 +26,13 @@ def _record(i):
 
 def _write(path, payloads=None):
   """3 shards of 6 records with sidecars, as `star-jax prepare` writes them; payloads overrides records."""
-  os.makedirs(path)
-  payloads = payloads or {}
-  for s in range(NUM_SHARDS):
-    shard = os.path.join(path, records.shard_name("train", s, NUM_SHARDS))
-    ids = range(s * PER_SHARD, (s + 1) * PER_SHARD)
-    writer = ArrayRecordWriter(shard, "group_size:1,uncompressed")  # so a test can find a record's bytes
-    for i in ids:
-      writer.write(payloads.get(i) or records.encode_record(_record(i)))
-    writer.close()
-    records.write_json(shard + ".json", dict(shard=os.path.basename(shard), records=PER_SHARD))
-  records.update_info(path, "train", NUM_SHARDS * PER_SHARD, label_names=list("abc"), speech_sample_rate_hz=16000,
-                      audio_sample_rate_hz=AUDIO_RATE, text_dim=0)
+  write_split(path, "train", [_record(i) for i in range(NUM_SHARDS * PER_SHARD)], shard_size=PER_SHARD,
+              payloads=payloads, options="group_size:1,uncompressed",  # so a test can find a record's bytes
+              label_names=list("abc"), speech_sample_rate_hz=16000, audio_sample_rate_hz=AUDIO_RATE, text_dim=0)
 
 
 def _shard(path, s):
-  return os.path.join(path, records.shard_name("train", s, NUM_SHARDS))
+  return shard_path(path, "train", s, NUM_SHARDS)
 
 
 def _iter(path, **kw):
@@ -70,8 +61,8 @@ def test_truncated_shard_is_named_or_skipped(tmp_path, keep):
   _write(path)
   with open(_shard(path, 1), "r+b") as f:  # cut at a block boundary the reader sees no records at all
     f.truncate(keep)
-  with pytest.raises(BadRecordError, match=r"train\.array_record-00001-of-00003 (holds 0 records but its sidecar "
-                                           r"says 6 \(truncated\?\)|cannot be opened).*--skip-bad-records"):
+  with pytest.raises(BadRecordError, match=r"train\.array_record-00001-of-00003 (holds 0 records but dataset_info"
+                                           r"\.json says 6 \(truncated\?\)|cannot be opened).*--skip-bad-records"):
     _iter(path)
   it = _iter(path, skip_bad_records=True, shuffle=False)
   ids = _epoch_ids(it)
@@ -94,13 +85,13 @@ def test_bad_record_names_shard_and_record_or_is_skipped_and_counted(tmp_path, f
   bad = 8  # shard 1, record 2
   payloads = {}
   if fault == "payload":
-    payloads[bad] = b"not an npz at all" * 10
+    payloads[bad] = b"not a tf.train.Example at all" * 10
   elif fault == "nan":
     payloads[bad] = records.encode_record(dict(_record(bad), audio=np.full(2000, np.nan, np.float32)))
   _write(path, payloads)
   if fault == "chunk":
     _flip_record_byte(path, bad)
-  reason = {"chunk": "hash mismatch", "payload": "(BadZipFile|ValueError)", "nan": "non-finite values in audio"}[fault]
+  reason = {"chunk": "hash mismatch", "payload": "(DecodeError|ValueError)", "nan": "non-finite values in audio"}[fault]
   with pytest.raises(BadRecordError, match=rf"00001-of-00003 record 2: .*{reason}.*skip-bad-records"):
     _epoch_ids(_iter(path, shuffle=False))
   it = _iter(path, skip_bad_records=True, shuffle=False)
@@ -243,12 +234,13 @@ def test_prepare_keeps_or_reports_every_bad_file(tmp_path, capsys, bad_clips):
   assert report["records"] == 4 and report["notes"] == [dict(id="hour.wav", note="trimmed: 3600.0 s cut to 10.0 s")]
   assert "warning: hour.wav: trimmed" in capsys.readouterr().err
   # Killed while writing shard 1: its sidecar never appeared and a half temp file is left. A rerun redoes only it.
-  shard = out / records.shard_name("train", 1, 3)
+  shard = out / "audiocaps" / "1.0.0" / records.shard_name("audiocaps", "train", 1, 3)
   os.remove(str(shard) + ".json")
-  (out / (shard.name + ".tmp")).write_bytes(b"half a shard")
+  (shard.parent / (shard.name + ".tmp")).write_bytes(b"half a shard")
   assert cli.main(["prepare", "audiocaps", *_csvs(tmp_path, list(expected), clips), "--out", str(out)]) == 0
   again = json.loads((out / "train.report.json").read_text())
-  assert again["shards_written_now"] == 1 and again["records"] == 4 and not (out / (shard.name + ".tmp")).exists()
+  assert again["shards_written_now"] == 1 and again["records"] == 4
+  assert not (shard.parent / (shard.name + ".tmp")).exists()
 
 
 def _fails_with_one_line(capsys, argv, match):

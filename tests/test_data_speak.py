@@ -9,7 +9,7 @@ import pytest
 
 from star_jax.data import pipeline, speak
 from star_jax.errors import UserError
-from tests.dataset_writer import write_split
+from tests.dataset_writer import write_cache, write_split
 from tests.tiny_vits import save_tiny_vits
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
@@ -23,15 +23,16 @@ BAD_CAPTIONS = ["", "... !? --", "x" * 10_000, "狗在叫"]
 def _record(i, caption, rng):
   stored = np.full(RATE // 2, 0.01 * (i + 1), np.float32)  # the stored speech: a constant a test can recognise
   return dict(id=f"r{i}", caption=caption, speech=stored, audio=(0.1 * rng.standard_normal(RATE)).astype(np.float32),
-              labels=np.eye(4, dtype=np.uint8)[i % 4], voice="stored-voice",
-              hubert=np.zeros((25, 4), np.float32))
+              labels=np.eye(4, dtype=np.uint8)[i % 4], voice="stored-voice")
 
 
 def _write(path, captions, splits=("train",)):
   rng = np.random.default_rng(0)
   for split in splits:
-    write_split(str(path), split, [_record(i, c, rng) for i, c in enumerate(captions)], label_names=list("abcd"),
-                speech_sample_rate_hz=RATE, audio_sample_rate_hz=RATE)
+    recs = [_record(i, c, rng) for i, c in enumerate(captions)]
+    write_split(str(path), split, recs, label_names=list("abcd"), speech_sample_rate_hz=RATE,
+                audio_sample_rate_hz=RATE)
+    write_cache(str(path), split, "hubert", [dict(id=r["id"], hubert=np.zeros((25, 4), np.float32)) for r in recs])
   return str(path)
 
 
@@ -99,6 +100,15 @@ def test_restored_iterator_replays_the_synthesised_batches(dataset):
     assert list(got["voice"]) == list(want["voice"])
     for key in ("speech", "speech_mask", "audio", "labels"):
       np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_a_grain_worker_process_speaks_the_same_batches(dataset):
+  want = [next(it) for it in [_iter(dataset, seed=6)] for _ in range(2)]
+  it = _iter(dataset, seed=6, num_workers=1)  # its own espeak-ng server, another synthesis history
+  for w in want:
+    got = next(it)
+    assert list(got["voice"]) == list(w["voice"])
+    np.testing.assert_array_equal(got["speech"], w["speech"])
 
 
 def test_bad_captions_keep_their_stored_speech_counted_and_logged(tmp_path, caplog):

@@ -1,16 +1,14 @@
 """The demo's evaluator: trained on clean clips plus degraded copies, it names the event, not the coding."""
 
-import os
-
 import numpy as np
 import pytest
 
 from star_jax.config import load_config
-from star_jax.data import records
 from star_jax.demo.evaluator import Evaluator, degrade, event_accuracy, paired_test
 from star_jax.demo.report import report_md
 from star_jax.demo.run import split_arrays, spread
 from star_jax.errors import UserError
+from tests.dataset_writer import write_split
 
 RATE = 16000
 
@@ -84,11 +82,8 @@ def test_split_arrays_reads_a_split_in_order_and_names_missing_cached_fields(tmp
   recs = [dict(id=f"r{i}", caption=f"sound {i}", labels=np.eye(3, dtype=np.uint8)[i % 3],
                speech=rng.uniform(-0.5, 0.5, 8000).astype(np.float32),
                audio=rng.uniform(-0.5, 0.5, 6000).astype(np.float32)) for i in range(5)]
-  path = os.path.join(tmp_path, records.shard_name("train", 0, 1))
-  records.write_shard(path, [records.encode_record(r) for r in recs])
-  records.write_json(path + ".json", dict(shard=os.path.basename(path), records=len(recs), skipped=[]))
-  records.update_info(str(tmp_path), "train", len(recs), label_names=list("abc"), speech_sample_rate_hz=16000,
-                      audio_sample_rate_hz=16000)
+  write_split(tmp_path, "train", recs, label_names=list("abc"), speech_sample_rate_hz=16000,
+              audio_sample_rate_hz=16000)
   cfg = load_config("configs/star.py:tiny", [f"data.path={tmp_path}"])
   out = split_arrays(cfg, "train")
   assert list(out["id"]) == [r["id"] for r in recs]

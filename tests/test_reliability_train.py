@@ -142,21 +142,16 @@ def test_bad_config_fails_before_any_work(overrides, message, tmp_path, monkeypa
 
 def _records(path, n=16, bad=5):
   """One shard of n records (speech 0.25 s, 4 labels) whose record `bad` fails its chunk hash."""
-  from array_record.python.array_record_module import ArrayRecordWriter
+  from tests.dataset_writer import shard_path, write_split
 
-  from star_jax.data import records
-  os.makedirs(path)
-  shard = os.path.join(path, records.shard_name("train", 0, 1))
-  writer = ArrayRecordWriter(shard, "group_size:1,uncompressed")
+  recs = []
   for i in range(n):
     r = np.random.default_rng(i)
-    writer.write(records.encode_record(dict(
-        id=f"r{i:02d}", caption="a dog barks", speech=r.standard_normal(4000).astype(np.float32),
-        audio=r.standard_normal(4000).astype(np.float32), labels=np.eye(4, dtype=np.uint8)[i % 4])))
-  writer.close()
-  records.write_json(shard + ".json", dict(shard=os.path.basename(shard), records=n))
-  records.update_info(path, "train", n, label_names=list("abcd"), speech_sample_rate_hz=16000,
-                      audio_sample_rate_hz=16000, text_dim=0)
+    recs.append(dict(id=f"r{i:02d}", caption="a dog barks", speech=r.standard_normal(4000).astype(np.float32),
+                     audio=r.standard_normal(4000).astype(np.float32), labels=np.eye(4, dtype=np.uint8)[i % 4]))
+  write_split(path, "train", recs, shard_size=n, options="group_size:1,uncompressed", label_names=list("abcd"),
+              speech_sample_rate_hz=16000, audio_sample_rate_hz=16000, text_dim=0)
+  shard = shard_path(path, "train", 0, 1)
   data = bytearray(open(shard, "rb").read())
   offset = bytes(data).find(np.random.default_rng(bad).standard_normal(4000).astype(np.float32)[50:60].tobytes())
   assert offset > 0

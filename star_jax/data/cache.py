@@ -2,7 +2,7 @@
 
   star-jax prepare cache --data data/audiocaps --hubert ckpt/hubert --vae ckpt/vae [--splits train,val]
 
-Fields added (docs/data.md):
+Fields (docs/data.md):
   hubert (Th, D)            HuBERT last_hidden_state of the whole utterance, its Th = frame_lengths(len) valid frames
   latents, latents_std (Tl, Dl)  the VAE posterior's mean and std over latent_length(len) frames; the pipeline serves
                             a fresh sample mean + std·ε per element (DESIGN.md §2: encoding samples the posterior),
@@ -14,9 +14,11 @@ padding, as in transformers), whose utterances are padded to at least the speech
 `generate` pad them. The VAE encodes each clip followed by at least `vae_reach` zero samples: its frames are
 those of an encoder that sees silence after the clip, whatever the bucket (the last few frames differ from an
 unpadded encode, whose every conv pads with zeros instead).
-A shard is rewritten atomically and its sidecar then records each field's settings (a digest of the params,
-the model config, dtypes): a rerun skips shards whose fields match, and recomputes the ones cached with other
-settings (another checkpoint, wherever it lives).
+Each model writes its own TFDS dataset beside the corpus (records.CACHED: cached_hubert, cached_latents), with
+the corpus's splits and shards record for record; a shard's sidecar records the settings it was computed with (a
+digest of the params, the model config, dtypes): a rerun skips shards whose settings match and recomputes the
+others (another checkpoint, wherever it lives). A split is listed in the cache's dataset_info.json, and so served
+by the pipeline, once all its shards are there.
 """
 
 from __future__ import annotations
@@ -37,14 +39,13 @@ from star_jax.data import source as source_lib
 from star_jax.errors import UserError
 
 GROUP_RECORDS = 512  # records encoded together: enough to fill each length bucket's batches, few enough for RAM
-RATE_KEYS = {"hubert": "hubert_frame_rate_hz", "latents": "latent_frame_rate_hz"}
-DIM_KEYS = {"hubert": "hubert_dim", "latents": "latent_dim"}
+RATE_KEYS, DIM_KEYS = records.RATE_KEYS, records.DIM_KEYS
 
 
 @dataclasses.dataclass(frozen=True)
 class FrozenModel:
   """One frozen encoder ready to run over a record field."""
-  field: str                        # "hubert" | "latents": the cache entry (sidecars, info.json)
+  field: str                        # "hubert" | "latents": which cache dataset (records.CACHED)
   outputs: tuple[str, ...]          # record fields its outputs go to
   source: str                       # record field it reads: "speech" | "audio"
   rate_hz: int                      # sample rate it reads
@@ -53,7 +54,7 @@ class FrozenModel:
   num_frames: Callable[[int], int]  # valid output frames of a clip of n samples
   forward: Callable                 # jitted (params, wave_bt, mask_bt) -> tuple of (B, T', D)
   params: Any
-  checkpoint: str                   # where the params came from (recorded in info.json)
+  checkpoint: str                   # where the params came from (recorded in the cache metadata)
   settings: dict                    # what the cached values depend on: params digest, model config
   dim: int
   min_length: int = 0               # every clip is padded to at least this many samples
@@ -215,95 +216,114 @@ def encode_waves(model: FrozenModel, waves: Sequence[np.ndarray], batch_size: in
   return results
 
 
-def _read_shard(path: str) -> list[dict[str, Any]]:
-  from array_record.python import array_record_module
-
-  reader = array_record_module.ArrayRecordReader(path)
-  try:
-    data = reader.read_all()
-  except Exception as e:  # noqa: BLE001 - riegeli raises its own types
-    raise source_lib.BadRecordError(f"shard {path}: {type(e).__name__}: {str(e)[:200]}; {source_lib.FIX}") from None
-  finally:
-    reader.close()
-  out = []
-  for i, d in enumerate(data):
-    try:
-      r = records.decode_record(d)
-      source_lib.check_record(r)
-    except Exception as e:  # noqa: BLE001
-      raise source_lib.BadRecordError(f"shard {path} record {i}: {type(e).__name__}: {str(e)[:200]}; "
-                                      f"{source_lib.FIX}") from None
-    out.append(r)
-  return out
-
-
 def _add_features(model: FrozenModel, recs: list[dict[str, Any]], stored_rate_hz: int, dtype: str,
-                  batch_size: int, where: str) -> None:
+                  batch_size: int, where: str) -> list[dict[str, Any]]:
+  """-> per record {id, the model's output fields} as `dtype`."""
   waves = [audio_lib.resample(r[model.source], stored_rate_hz, model.rate_hz) for r in recs]
+  out = []
   for r, outs in zip(recs, encode_waves(model, waves, batch_size)):
+    entry = {"id": r["id"]}
     for name, value in zip(model.outputs, outs):
       value = value.astype(dtype)
       if not np.all(np.isfinite(value)):
         raise UserError(f"{where}, record {r['id']}: {model.field} features are not finite in {dtype}"
                         + (" (use --dtype float32)" if dtype != "float32" else " (a broken checkpoint?)"))
-      r[name] = value
+      entry[name] = value
+    out.append(entry)
+  return out
 
 
 def _settings(model: FrozenModel, dtype: str) -> dict:
   return json.loads(json.dumps(dict(model.settings, dtype=dtype)))  # as it reads back from a sidecar
 
 
+def _cache_metadata(path: str, model: FrozenModel) -> dict[str, Any]:
+  """The metadata a cache dataset already has (settings per split, rate, width, dtype), or {}."""
+  version_dir = records.find_dataset(path, records.CACHED[model.field])
+  if version_dir is None:
+    return {}
+  with open(os.path.join(version_dir, "metadata.json")) as f:
+    return json.load(f)
+
+
+def check_rates(path: str, splits: Sequence[str], models: Sequence[FrozenModel], dtype: str = "float32") -> None:
+  """A cache dataset has one frame rate, width and dtype (its features): other splits cached with others must be
+  cached again with these too."""
+  for m in models:
+    meta = _cache_metadata(path, m)
+    others = sorted(set(meta.get("settings", {})) - set(splits))
+    new = {RATE_KEYS[m.field]: m.frame_rate_hz, DIM_KEYS[m.field]: m.dim, "dtype": dtype}
+    changed = [k for k, v in new.items() if k in meta and meta[k] != v]
+    if changed and others:
+      raise UserError(f"{path}: splits {others} hold {m.field} with other {', '.join(changed)} "
+                      f"({', '.join(f'{meta[k]} vs {new[k]}' for k in changed)}); cache those splits again too "
+                      "(--splits) or use a new dataset copy")
+
+
 def cache_split(path: str, split: str, models: Sequence[FrozenModel], *, dtype: str = "float32",
                 batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
-  """Adds each model's fields to every record of `split` (skipping shards already cached with the same
-  settings), then records the rates, widths and settings in info.json; returns a summary."""
+  """Writes each model's features of every record of `split` into its cache dataset (skipping shards already
+  cached with the same settings), then lists the split in that dataset's dataset_info.json; returns a summary."""
   from tqdm import tqdm
 
+  from star_jax.data import builders
+
   info = records.read_info(path)
-  shards = source_lib.split_shards(path, split)
-  source_lib.RecordSource(shards)  # raises BadRecordError naming a missing or truncated shard
+  part = source_lib.split_part(info["version_dir"], split)
+  source = source_lib.RecordSource(part)  # raises BadRecordError naming a missing or truncated shard
+  starts = np.concatenate([[0], np.cumsum([s.num_records for s in part.shards])]).tolist()
+  count = len(part.shards)
   wanted = {m.field: _settings(m, dtype) for m in models}
-  todo = []
-  for shard in shards:
-    sidecar = _read_sidecar(shard.path)
-    stale = [m for m in models if sidecar.get("cache", {}).get(m.field) != wanted[m.field]]
-    if stale:
-      todo.append((shard, sidecar, stale))
-  if todo:  # until every shard has them, the pipeline serves none of the fields being (re)computed
-    _set_info_cache(path, split, {k: None for k in wanted})
-  bar = tqdm(total=sum(s.num_records for s, _, _ in todo), unit="record", disable=not progress or not todo,
-             desc=f"cache {split}: {len(shards) - len(todo)}/{len(shards)} shards done")
+  cache_builders, todo = {}, {}
+  for m in models:
+    meta = _cache_metadata(path, m)
+    others = {k: v for k, v in meta.get("settings", {}).items() if k != split}
+    meta = dict(settings=dict(others, **{split: dict(wanted[m.field], checkpoint=m.checkpoint)}), dtype=dtype,
+                **{RATE_KEYS[m.field]: m.frame_rate_hz, DIM_KEYS[m.field]: m.dim})
+    builder = cache_builders[m.field] = builders.make(records.CACHED[m.field], path, meta)
+    os.makedirs(builder.data_dir, exist_ok=True)
+    for i in range(count):
+      shard = os.path.join(builder.data_dir, records.shard_name(builder.name, split, i, count))
+      if _read_sidecar(shard).get("settings") != wanted[m.field]:
+        todo.setdefault(i, []).append(m)
+        if os.path.exists(shard + ".json"):  # until it is rewritten, the split is not complete
+          os.remove(shard + ".json")
+  for m in models:  # dataset_info.json lists the split only when every shard is there
+    builders.finish(cache_builders[m.field])
+  bar = tqdm(total=sum(part.shards[i].num_records for i in todo), unit="record", disable=not progress or not todo,
+             desc=f"cache {split}: {count - len(todo)}/{count} shards done")
   rates = {"speech": info["speech_sample_rate_hz"], "audio": info["audio_sample_rate_hz"]}
-  for group in _groups(todo, GROUP_RECORDS):
-    loaded = [(shard, sidecar, stale, _read_shard(shard.path)) for shard, sidecar, stale in group]
+  for group in _groups(sorted(todo), [s.num_records for s in part.shards], GROUP_RECORDS):
+    loaded = {i: [source[j] for j in range(starts[i], starts[i + 1])] for i in group}
     for m in models:  # one pass per model over the group's shards that need it: fuller length buckets
-      recs = [r for _, _, stale, rs in loaded if m in stale for r in rs]
-      _add_features(m, recs, rates[m.source], dtype, batch_size, f"split {split}")
-    for shard, sidecar, stale, recs in loaded:
-      # The sidecar forgets the fields being replaced before the shard changes: a crash in between leaves
-      # them stale (recomputed on a rerun), never marked with settings they were not computed with.
-      cache = {k: v for k, v in sidecar.get("cache", {}).items() if k not in {m.field for m in stale}}
-      sidecar.update(shard=os.path.basename(shard.path), records=len(recs), cache=cache)
-      records.write_json(shard.path + ".json", sidecar)
-      records.write_shard(shard.path, [records.encode_record(r) for r in recs])
-      done = dict(cache, **{m.field: wanted[m.field] for m in stale})
-      records.write_json(shard.path + ".json", dict(sidecar, cache=done))
-      bar.update(len(recs))
+      shards_m = [i for i in group if m in todo[i]]
+      feats = _add_features(m, [r for i in shards_m for r in loaded[i]], rates[m.source], dtype, batch_size,
+                            f"split {split}")
+      builder = cache_builders[m.field]
+      for i in shards_m:
+        shard = os.path.join(builder.data_dir, records.shard_name(builder.name, split, i, count))
+        n = len(loaded[i])
+        records.write_shard(shard, [records.encode_record(e, m.field, dtype, m.dim) for e in feats[:n]])
+        records.write_json(shard + ".json", dict(shard=os.path.basename(shard), records=n,
+                                                 settings=wanted[m.field]))
+        feats = feats[n:]
+    bar.update(sum(len(loaded[i]) for i in group))
   bar.close()
-  _set_info_cache(path, split, {m.field: dict(wanted[m.field], checkpoint=m.checkpoint) for m in models}, models)
-  return dict(split=split, shards=len(shards), shards_written_now=len(todo),
-              records=sum(s.num_records for s in shards), fields=sorted(o for m in models for o in m.outputs))
+  for m in models:
+    builders.finish(cache_builders[m.field])
+  return dict(split=split, shards=count, shards_written_now=len(todo), records=len(source),
+              fields=sorted(o for m in models for o in m.outputs))
 
 
-def _groups(todo: list, size: int) -> list[list]:
+def _groups(shards: list[int], sizes: list[int], size: int) -> list[list[int]]:
   """Consecutive shards holding at least `size` records together (the last group may hold fewer)."""
-  groups, current, count = [], [], 0
-  for item in todo:
-    current.append(item)
-    count += item[0].num_records
-    if count >= size:
+  groups, current, total = [], [], 0
+  for i in shards:
+    current.append(i)
+    total += sizes[i]
+    if total >= size:
       groups.append(current)
-      current, count = [], 0
+      current, total = [], 0
   return groups + ([current] if current else [])
 
 
@@ -311,32 +331,5 @@ def _read_sidecar(shard_path: str) -> dict[str, Any]:
   try:
     with open(shard_path + ".json") as f:
       return json.load(f)
-  except FileNotFoundError:  # shards written by hand (records.write_shard) have none
+  except FileNotFoundError:
     return {}
-
-
-def check_rates(path: str, splits: Sequence[str], models: Sequence[FrozenModel]) -> None:
-  """A frame rate must agree with the one other splits' cached fields were written at (the pipeline reads one)."""
-  info = records.read_info(path)
-  for m in models:
-    before = info.get(RATE_KEYS[m.field])
-    others = [s for s, fields in info.get("cache", {}).items() if m.field in fields and s not in splits]
-    if before is not None and before != m.frame_rate_hz and others:
-      raise UserError(f"{path}: splits {others} hold {m.field} at {before} frames/s, this checkpoint gives "
-                      f"{m.frame_rate_hz}; cache those splits again too (--splits) or use a new dataset copy")
-
-
-def _set_info_cache(path: str, split: str, fields: dict, models: Sequence[FrozenModel] = ()) -> None:
-  """info['cache'][split][field] = settings (None removes the field); frame rates and widths of `models`."""
-  info = records.read_info(path)
-  for m in models:
-    info[RATE_KEYS[m.field]] = m.frame_rate_hz
-    info[DIM_KEYS[m.field]] = m.dim
-  entry = info.setdefault("cache", {}).setdefault(split, {})
-  for field, settings in fields.items():
-    if settings is None:
-      entry.pop(field, None)
-    else:
-      entry[field] = settings
-  info["schema"] = {k: dict(dtype=d, shape=s, meaning=m) for k, (d, s, m) in records.SCHEMA.items()}
-  records.write_json(os.path.join(path, records.INFO_FILE), info)

@@ -200,6 +200,6 @@ def build_records(specs: Sequence[Spec]) -> tuple[list[dict[str, Any]], list[dic
 
 
 def credits(clips: Sequence[Clip]) -> list[dict[str, Any]]:
-  """Per clip: entry, label, class, credit and licence (for info.json and star_jax/data/opensfx_credits.tsv)."""
+  """Per clip: entry, label, class, credit and licence (for the dataset metadata and opensfx_credits.tsv)."""
   return [dict(entry=c.index, label=c.label, cls=class_name(c.label), credit=c.credit, license=c.license,
                duration_s=round(c.wave.shape[0] / c.rate_hz, 3)) for c in clips]

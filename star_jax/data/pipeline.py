@@ -1,4 +1,4 @@
-"""grain input pipeline: prepared ArrayRecord shards -> fixed-shape, per-process numpy batches with masks.
+"""grain input pipeline: a prepared TFDS dataset's split -> fixed-shape, per-process numpy batches with masks.
 
 Each element is decoded, cropped (seeded random start for training, the start for evaluation) or
 zero-padded to the configured durations, resampled when the stored rate differs from the one asked for,
@@ -55,7 +55,7 @@ class FitRecord(grain.transforms.RandomMap):
 
   def __init__(self, *, speech_rate_hz: tuple[int, int], audio_rate_hz: tuple[int, int], speech_duration_s: float,
                audio_duration_s: float, text_max_tokens: int, hubert_rate_hz: float, latent_rate_hz: float,
-               random_crop: bool, sample_latents: bool = True, cached_fields: tuple[str, ...] | None = None):
+               random_crop: bool, sample_latents: bool = True, cached_fields: tuple[str, ...] = ()):
     self.speech_rate_hz = speech_rate_hz  # (stored, wanted)
     self.audio_rate_hz = audio_rate_hz
     self.speech_duration_s = speech_duration_s
@@ -65,7 +65,7 @@ class FitRecord(grain.transforms.RandomMap):
     self.latent_rate_hz = latent_rate_hz
     self.random_crop = random_crop
     self.sample_latents = sample_latents
-    self.cached_fields = cached_fields  # what info.json says every record has (None: whatever a record has)
+    self.cached_fields = cached_fields  # cached features joined to every record of the split
 
   def _wave(self, wave: np.ndarray, feats: np.ndarray | None, rates: tuple[int, int], duration_s: float,
             feat_rate_hz: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -84,16 +84,7 @@ class FitRecord(grain.transforms.RandomMap):
     return out
 
   def _cached(self, r: dict[str, Any], field: str) -> np.ndarray | None:
-    """A cached field, if the split has it for every record: a partly cached split (an interrupted
-    `prepare cache`) serves none, so batches keep one structure."""
-    if self.cached_fields is None:
-      return r.get(field)
-    if field not in self.cached_fields:
-      return None
-    if field not in r:
-      raise UserError(f"record {r['id']} has no cached '{field}' though info.json lists it for this split; "
-                      "re-run `star-jax prepare cache` on the split")
-    return r[field]
+    return r[field] if field in self.cached_fields else None
 
   def random_map(self, r: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     out: dict[str, Any] = {"id": np.str_(r["id"]), "caption": np.str_(r["caption"]),
@@ -195,10 +186,12 @@ def make_iterator(data_cfg, split: str, *, batch_size: int, audio_sample_rate_hz
   if synthesize:
     operations.append(speak_lib.SpeakCaption(speak_lib.Pool.from_config(data_cfg.get("synth")),
                                              info["speech_sample_rate_hz"]))
-  cached_fields = tuple(info["cache"].get(split, {})) if "cache" in info else None
-  if synthesize and cached_fields is not None:
-    cached_fields = tuple(f for f in cached_fields if f != "hubert")
-  source = source_lib.RecordSource(source_lib.split_shards(path, split), skip_bad_records=skip_bad_records)
+  # Cached HuBERT frames belong to the stored voice: with synthesised speech the stage runs HuBERT in the step.
+  cached_fields = tuple(f for f in info["cache"].get(split, {}) if not (synthesize and f == "hubert"))
+  source = source_lib.RecordSource(
+      source_lib.split_part(info["version_dir"], split),
+      cached=tuple(source_lib.split_part(info["cache_dirs"][f], split) for f in cached_fields),
+      skip_bad_records=skip_bad_records)
   if process_index is None or process_count is None:
     import jax
 

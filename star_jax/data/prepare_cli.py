@@ -1,9 +1,9 @@
-"""Build ArrayRecord datasets of (speech, audio, labels) records; see docs/data.md.
+"""Build TFDS datasets (array_record files) of (caption, speech, audio, labels) records; see docs/data.md.
 
-  star-jax prepare opensfx --out data/opensfx --audio-rate-hz 16000
+  star-jax prepare opensfx --out data/opensfx --audio-rate-hz 16000        (writes data/opensfx/opensfx/1.0.0/)
   star-jax prepare audiocaps --captions train.csv --audio-dir clips/ --audioset-segments seg.csv \\
       --audioset-classes class_labels_indices.csv --tts vits --tts-model vits-ljs/ --out data/audiocaps
-  star-jax prepare cache --data data/audiocaps --hubert ckpt/hubert --vae ckpt/vae   (adds hubert, latents)
+  star-jax prepare cache --data data/audiocaps --hubert ckpt/hubert --vae ckpt/vae   (cached_hubert, cached_latents)
 
 A rerun skips the shards already written; each split gets a JSON report of every skipped item and why.
 """
@@ -86,7 +86,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   c.add_argument("--hubert", default=None,
                  help="HuBERT params checkpoint (star-jax convert hubert), or the workdir of a stage that holds one")
   c.add_argument("--vae", default=None, help="VAE params checkpoint (star-jax convert vae), or the workdir of a stage that holds one")
-  c.add_argument("--splits", default=None, help="comma-separated splits (default: all in info.json)")
+  c.add_argument("--splits", default=None, help="comma-separated splits (default: all the corpus has)")
   c.add_argument("--batch-size", type=_positive(int), default=8, help="clips per forward pass")
   c.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                  help="storage dtype of the cached fields (float16 halves the size)")
@@ -109,6 +109,25 @@ def _check_out(out: str) -> None:
     raise UserError(f"--out {out}: cannot write there ({e.strerror or e}); choose a directory you can write") from None
 
 
+def _builder(out: str, name: str, metadata: dict):
+  """The TFDS builder writing corpus `name` under --out; its metadata must agree with the splits already there."""
+  from star_jax.data import builders, records
+  from star_jax.errors import UserError
+
+  records.find_dataset(out)  # a folder in the old format: a one-line error saying how to rebuild
+  builder = builders.make(name, out, metadata)
+  file = os.path.join(builder.data_dir, "metadata.json")
+  if os.path.exists(file):
+    with open(file) as f:
+      before = json.load(f)
+    changed = sorted(k for k in set(before) | set(metadata) if before.get(k) != metadata.get(k))
+    if changed:
+      raise UserError(f"{out}: {', '.join(changed)} differ from the splits already there; prepare into a new --out "
+                      "directory")
+  os.makedirs(builder.data_dir, exist_ok=True)
+  return builder
+
+
 def _check_settings(out: str, split: str, settings: dict) -> None:
   """A rerun resumes only with the settings that wrote the finished shards."""
   from star_jax.data import records
@@ -129,7 +148,7 @@ def _check_settings(out: str, split: str, settings: dict) -> None:
 def prepare_opensfx(out: str, *, audio_rate_hz: int = 24000, cat: str | None = None, text_dim: int = 64,
                     shard_size: int = 64, workers: int | None = None, progress: bool = True) -> dict:
   """Build the OpenSFX corpus at `out` (finished shards are kept) -> the build report written to report.json."""
-  from star_jax.data import opensfx, records, shards
+  from star_jax.data import builders, opensfx, records, shards
 
   start = time.time()
   workers = workers or _workers_default()
@@ -140,21 +159,22 @@ def prepare_opensfx(out: str, *, audio_rate_hz: int = 24000, cat: str | None = N
   _check_out(out)
   clips = opensfx.read_cat(cat)
   classes, specs = opensfx.plan(clips)
+  builder = _builder(out, "opensfx", dict(
+      source="opensfx", label_names=classes, speech_sample_rate_hz=SPEECH_RATE_HZ, audio_sample_rate_hz=audio_rate_hz,
+      text_dim=text_dim, credits=opensfx.credits(clips)))
   settings = dict(source="opensfx", audio_rate_hz=audio_rate_hz, text_dim=text_dim, shard_size=shard_size)
   report = dict(source="opensfx", classes=len(classes), clips=len(clips),
                 clips_duration_s=round(sum(c.wave.shape[0] / c.rate_hz for c in clips), 1), splits={})
   for split, split_specs in specs.items():
     _check_settings(out, split, settings)
     summary = shards.write_split(
-        out, split, shards.chunk(split_specs, shard_size), opensfx.build_records,
-        speech_rate=SPEECH_RATE_HZ, audio_rate=audio_rate_hz, workers=workers,
-        init=opensfx.init_worker, init_args=(cat, audio_rate_hz, SPEECH_RATE_HZ, text_dim),
-        progress=progress)
-    records.update_info(out, split, summary["records"], source="opensfx", label_names=classes,
-                        speech_sample_rate_hz=SPEECH_RATE_HZ, audio_sample_rate_hz=audio_rate_hz,
-                        text_dim=text_dim, credits=opensfx.credits(clips))
+        builder.data_dir, builder.name, split, shards.chunk(split_specs, shard_size), opensfx.build_records,
+        speech_rate=SPEECH_RATE_HZ, audio_rate=audio_rate_hz, text_dim=text_dim, workers=workers,
+        init=opensfx.init_worker, init_args=(cat, audio_rate_hz, SPEECH_RATE_HZ, text_dim), progress=progress)
     report["splits"][split] = {k: summary[k] for k in ("records", "audio_s", "speech_s", "voices", "shards",
                                                        "shards_written_now")}
+  builders.finish(builder)
+  report["dataset"] = builder.data_dir
   report["records"] = sum(s["records"] for s in report["splits"].values())
   report["audio_s"] = round(sum(s["audio_s"] for s in report["splits"].values()), 1)
   report["build_s"] = round(time.time() - start, 1)
@@ -170,7 +190,7 @@ def run_opensfx(args: argparse.Namespace) -> int:
 
 
 def run_audiocaps(args: argparse.Namespace) -> int:
-  from star_jax.data import audiocaps, records, shards
+  from star_jax.data import audiocaps, builders, records, shards
   from star_jax.errors import UserError
 
   start = time.time()
@@ -190,6 +210,9 @@ def run_audiocaps(args: argparse.Namespace) -> int:
     raise UserError(f"--min-duration-s {args.min_duration_s} is above --max-duration-s {args.max_duration_s}")
   _check_out(args.out)
   names, mids, labels = audiocaps.read_audioset(args.audioset_segments, args.audioset_classes)
+  builder = _builder(args.out, "audiocaps", dict(
+      source="audiocaps", label_names=names, label_mids=mids, speech_sample_rate_hz=SPEECH_RATE_HZ,
+      audio_sample_rate_hz=args.audio_rate_hz, text_dim=args.text_dim))
   tts_kwargs = {}
   if args.tts == "vits":
     tts_kwargs = dict(noise_scale=args.noise_scale, noise_scale_duration=args.noise_scale_duration,
@@ -206,12 +229,10 @@ def run_audiocaps(args: argparse.Namespace) -> int:
                 patterns=args.audio_pattern or audiocaps.DEFAULT_PATTERNS, num_labels=len(names),
                 labels={k: v for k, v in labels.items() if k in wanted})
   summary = shards.write_split(
-      args.out, split, shards.chunk(items, args.shard_size), audiocaps.build_records,
-      speech_rate=SPEECH_RATE_HZ, audio_rate=args.audio_rate_hz, workers=args.workers,
+      builder.data_dir, builder.name, split, shards.chunk(items, args.shard_size), audiocaps.build_records,
+      speech_rate=SPEECH_RATE_HZ, audio_rate=args.audio_rate_hz, text_dim=args.text_dim, workers=args.workers,
       init=audiocaps.init_worker, init_args=(worker,), progress=not args.no_progress)
-  records.update_info(args.out, split, summary["records"], source="audiocaps", label_names=names,
-                      label_mids=mids, speech_sample_rate_hz=SPEECH_RATE_HZ,
-                      audio_sample_rate_hz=args.audio_rate_hz, text_dim=args.text_dim)
+  builders.finish(builder)
   reasons: dict[str, int] = {}
   for s in summary["skipped"]:
     key = s["reason"].split(":")[0]
@@ -229,8 +250,9 @@ def run_audiocaps(args: argparse.Namespace) -> int:
 def prepare_cache(data: str, *, hubert: str | None = None, vae: str | None = None, splits: list[str] | None = None,
                   dtype: str = "float32", compute_dtype: str = "float32", batch_size: int = 8,
                   progress: bool = True) -> None:
-  """Add cached HuBERT frames (`hubert`: a checkpoint or a stage workdir) and VAE posteriors (`vae`) to the
-  records of `data` in place; shards already cached are skipped."""
+  """Cache HuBERT frames (`hubert`: a checkpoint or a stage workdir) and VAE posteriors (`vae`) of the corpus
+  under `data` into the TFDS datasets cached_hubert / cached_latents beside it; shards already cached are
+  skipped."""
   from star_jax.data import cache, records
   from star_jax.errors import UserError
 
@@ -244,12 +266,13 @@ def prepare_cache(data: str, *, hubert: str | None = None, vae: str | None = Non
     raise UserError(f"--splits: {data} has no split {unknown}; it has {sorted(info.get('splits', {}))}")
   _check_out(data)
   models = [load(ckpt, compute_dtype) for ckpt, load in ((hubert, cache.load_hubert), (vae, cache.load_vae)) if ckpt]
-  cache.check_rates(data, splits, models)
+  cache.check_rates(data, splits, models, dtype)
   for split in splits:
     summary = cache.cache_split(data, split, models, dtype=dtype, batch_size=batch_size, progress=progress)
     print(f"{split}: {summary['records']} records, {summary['shards_written_now']} of {summary['shards']} shards "
           f"written now, fields {summary['fields']}")
-  print(f"prepare cache: done in {time.time() - start:.1f} s; frame rates in {os.path.join(data, 'info.json')}")
+  print(f"prepare cache: done in {time.time() - start:.1f} s; frame rates in the metadata.json of "
+        f"{', '.join(records.CACHED[m.field] for m in models)} under {data}")
 
 
 def run_cache(args: argparse.Namespace) -> int:

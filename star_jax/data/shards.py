@@ -1,4 +1,4 @@
-"""Parallel, resumable writing of one split: a shard per task, each finished shard marked by a sidecar.
+"""Parallel, resumable writing of one split of a TFDS dataset: a shard per task, each finished one marked by a sidecar.
 
 A shard's sidecar (`<shard>.json`) is written after its ArrayRecord file and lists its record count, the
 items it skipped with their reasons, notes on items kept with a change (e.g. trimmed), and totals. A rerun
@@ -30,12 +30,12 @@ def _stats(records: list[dict[str, Any]], speech_rate: int, audio_rate: int) -> 
 
 
 def _run_shard(job: tuple) -> dict[str, Any]:
-  out_dir, split, index, count, items, builder, speech_rate, audio_rate = job
-  path = os.path.join(out_dir, rec.shard_name(split, index, count))
+  out_dir, name, split, index, count, items, builder, speech_rate, audio_rate, text_dim = job
+  path = os.path.join(out_dir, rec.shard_name(name, split, index, count))
   if _INIT_ERROR:
     raise _INIT_ERROR[0]
   records, skipped, notes = builder(items)
-  rec.write_shard(path, [rec.encode_record(r) for r in records])
+  rec.write_shard(path, [rec.encode_record(r, dim=text_dim) for r in records])
   done = dict(shard=os.path.basename(path), items=len(items), skipped=skipped, notes=notes,
               **_stats(records, speech_rate, audio_rate))
   rec.write_json(path + ".json", done)
@@ -63,11 +63,12 @@ def _worker_init(init: Callable[..., None] | None, init_args: tuple, in_pool: bo
     _INIT_ERROR[:] = [e]
 
 
-def write_split(out_dir: str, split: str, tasks: Sequence[Sequence[Any]], builder: Builder, *,
-                speech_rate: int, audio_rate: int, workers: int = 1,
+def write_split(out_dir: str, name: str, split: str, tasks: Sequence[Sequence[Any]], builder: Builder, *,
+                speech_rate: int, audio_rate: int, text_dim: int, workers: int = 1,
                 init: Callable[..., None] | None = None, init_args: tuple = (),
                 progress: bool = True) -> dict[str, Any]:
-  """Writes one shard per task (skipping finished ones); returns the merged sidecars.
+  """Writes one shard per task of dataset `name` into its version directory `out_dir` (skipping finished ones);
+  returns the merged sidecars.
 
   `builder` and `init` must be module-level functions (they are sent to spawned workers); `init(*init_args)`
   runs once per worker before any task (e.g. to load a TTS model).
@@ -78,20 +79,20 @@ def write_split(out_dir: str, split: str, tasks: Sequence[Sequence[Any]], builde
   count = len(tasks)
   done, todo = [], []
   for i, items in enumerate(tasks):
-    sidecar = os.path.join(out_dir, rec.shard_name(split, i, count) + ".json")
+    sidecar = os.path.join(out_dir, rec.shard_name(name, split, i, count) + ".json")
     if os.path.exists(sidecar):
       with open(sidecar) as f:
         done.append(json.load(f))
     else:
-      todo.append((out_dir, split, i, count, list(items), builder, speech_rate, audio_rate))
-  bar = tqdm(total=sum(len(t[4]) for t in todo), desc=f"{split}: {len(done)}/{count} shards done",
+      todo.append((out_dir, name, split, i, count, list(items), builder, speech_rate, audio_rate, text_dim))
+  bar = tqdm(total=sum(len(t[5]) for t in todo), desc=f"{split}: {len(done)}/{count} shards done",
              unit="item", disable=not progress or not todo)
   if workers <= 1 or len(todo) <= 1:
     if todo:
       _worker_init(init, init_args)
     for job in todo:
       done.append(_run_shard(job))
-      bar.update(len(job[4]))
+      bar.update(len(job[5]))
   else:
     # spawn, not fork: a forked torch or jax runtime is unsafe.
     ctx = multiprocessing.get_context("spawn")

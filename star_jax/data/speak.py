@@ -6,7 +6,7 @@ sequence, so every epoch of an example gets its own voice and a restored iterato
 pool (`data.synth`): espeak-ng voices (`tts.ESPEAK_POOL`: accent, variant, speed, pitch; the held-out voice's
 accent and variant are not in it) and the speakers of local transformers VitsModel directories (a random
 speaker of a multi-speaker model, noise scales 0.667 / 0.8 as STAR), VITS with probability `vits_share`.
-Cached HuBERT frames leave the record: they belong to the stored voice, so the stage runs HuBERT in the step.
+The pipeline joins no cached HuBERT frames then (they belong to the stored voice): the stage runs HuBERT in the step.
 A caption that cannot be spoken (empty, no Latin letter or digit, over `max_caption_chars`) or a synthesiser
 that fails keeps the record's stored speech (every record has one); the element is tagged, and
 `pipeline.BatchIterator` counts it and logs a line naming the record.
@@ -118,7 +118,7 @@ class SpeakCaption(grain.transforms.RandomMap):
   def random_map(self, r: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     # One draw from grain's generator whatever happens below, so the crops drawn after it never depend on it.
     voice_rng = np.random.default_rng(int(rng.integers(2**63)))
-    out = {k: v for k, v in r.items() if k != "hubert"}
+    out = dict(r)
     text, why = speakable(str(r["caption"]), self.pool.max_caption_chars)
     if text is not None:
       try:
