@@ -7,7 +7,7 @@ Each row speaks AudioCaps-like captions through `star_jax.data.speak.SpeakCaptio
 synthesized` runs per record: voice draw, synthesis, resampling to 16 kHz) in this one process with one torch
 thread, as one grain worker would. Synthesisers: espeak-ng (the C library behind its fork-per-utterance server;
 and the espeak-ng command, for comparison), a tiny random VITS (the tests' size) and VITS at the size of
-kakao-enterprise/vits-ljs and facebook/mms-tts-eng (transformers' VitsConfig defaults: 192 hidden, 6 text-encoder
+kakao-enterprise/vits-ljs, which facebook/mms-tts-eng shares at 16 kHz (transformers' VitsConfig defaults: 192 hidden, 6 text-encoder
 layers, 4 flows, HiFi-GAN 512 channels upsampling 8-8-2-2), with RANDOM weights: nothing is downloaded. Random
 weights predict random durations, so the VITS models here use the deterministic duration predictor with its
 output fixed to a natural rate (`FRAMES_PER_TOKEN`: ~14 characters/s, as LJSpeech reads); the synthesis cost
@@ -70,9 +70,8 @@ def _save_vits(model_dir: str, size: str) -> None:
     from tests.tiny_vits import TINY
 
     config = VitsConfig(vocab_size=len(vocab), **TINY, use_stochastic_duration_prediction=False)
-  else:  # vits-ljs: 22.05 kHz (mms-tts-eng: 16 kHz, 38 tokens; the same layers)
-    config = VitsConfig(vocab_size=len(vocab), sampling_rate=22050 if size == "ljs" else 16000,
-                        use_stochastic_duration_prediction=False)
+  else:  # vits-ljs at 22.05 kHz; mms-tts-eng has the same layers at 16 kHz (fewer samples per second of speech)
+    config = VitsConfig(vocab_size=len(vocab), sampling_rate=22050, use_stochastic_duration_prediction=False)
   torch.manual_seed(0)
   model = VitsModel(config)
   with torch.no_grad():  # a fixed, natural duration per token instead of a random one
@@ -133,8 +132,7 @@ def main() -> None:
     cases = [("espeak-ng, C library via fork server (pipeline)", lambda n: _through_pipeline(speak.Pool(), n), 1),
              ("espeak-ng, one command per utterance", _espeak_command, 1)]
     for size, label, share in (("tiny", "VITS tiny (tests' size), random weights", 1),
-                               ("ljs", "VITS vits-ljs size (22.05 kHz), random weights", 4),
-                               ("mms", "VITS mms-tts-eng size (16 kHz), random weights", 4)):
+                               ("ljs", "VITS vits-ljs / mms-tts-eng size, random weights", 4)):
       model_dir = os.path.join(tmp, size)
       _save_vits(model_dir, size)
       pool = speak.Pool(espeak=False, vits_models=(model_dir,))
