@@ -73,16 +73,16 @@ def test_decode_keeps_the_mel_spectrogram():
 def test_config_selects_the_codec():
   from star_jax.config import load_config
   from star_jax.errors import UserError
-  from star_jax.train import components
+  from star_jax.models import build
   from star_jax.train.stage import build_stage
 
   tiny = load_config("configs/star.py:tiny")
-  assert isinstance(components.vae_module(tiny), MelCodec) and not components.vae_trained(tiny)
-  assert components.vae_hop(tiny) == 320 and components.vae_config(tiny).latent_channels == tiny.dit.latent_channels
-  assert components.vae_init(tiny, jax.random.key(0)) == {}
+  assert isinstance(build.vae(tiny), MelCodec) and not build.vae_trained(tiny)
+  assert build.vae_hop(tiny) == 320 and build.vae_config(tiny).latent_channels == tiny.dit.latent_channels
+  assert build.init_vae(tiny, jax.random.key(0)) == {}
   with pytest.raises(UserError, match="nothing to train"):
     build_stage(tiny, "vae")
   paper = load_config("configs/star.py:paper")
-  assert components.vae_kind(paper) == "oobleck" and components.vae_trained(paper)
+  assert build.vae_kind(paper) == "oobleck" and build.vae_trained(paper)
   with pytest.raises(UserError, match="vae.kind"):
-    components.vae_kind(load_config("configs/star.py:tiny", ["vae.kind=wavenet"]))
+    build.vae_kind(load_config("configs/star.py:tiny", ["vae.kind=wavenet"]))
