@@ -101,7 +101,7 @@ def write_page(out_dir: str, examples: list[dict], report_md: str, title: str = 
 body {{ font-family: sans-serif; margin: 1.5em; max-width: 1400px; }}
 table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
 td, th {{ border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-align: left; }}
-.examples td {{ width: 25%; }} .examples img {{ max-width: 100%; }} .examples audio {{ width: 100%; }}
+.examples td {{ width: 25%; }} .examples img {{ width: 100%; height: 96px; }} .examples audio {{ width: 100%; }}
 .name {{ font-weight: bold; }} .id {{ font-weight: normal; color: #666; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
