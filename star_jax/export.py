@@ -39,20 +39,22 @@ def export_bundle(source: str, out: str, overrides: dict[str, str] | None = None
   """Collect the four components from `source` (and `overrides`) into one params checkpoint at `out`."""
   from star_jax import trained
   from star_jax.checkpoint import save_params
+  from star_jax.models import build
 
   cfg = read_run_config(source)
   parts, _ = trained.load_trained(source)
   for name, path in (overrides or {}).items():
     if path:
       parts[name] = trained.component(path, name)
-  missing = [n for n in COMPONENTS if n not in parts]
+  needed = [n for n in COMPONENTS if n != "vae" or build.vae_trained(cfg)]  # the mel codec has no params
+  missing = [n for n in needed if n not in parts]
   if missing:
     raise UserError(f"'{source}' lacks {missing}; export a stage-2 workdir, or pass --{missing[0]} PATH")
-  return save_params(out, {n: parts[n] for n in COMPONENTS}, cfg, kind="bundle")
+  return save_params(out, {n: parts[n] for n in needed}, cfg, kind="bundle")
 
 
 def load_bundle(directory: str, sharding=None):
-  """A bundle written by `export` -> (config, {hubert, bridge, dit, vae} params)."""
+  """A bundle written by `export` -> (config, {hubert, bridge, dit, vae} params; no vae for the mel codec)."""
   import ml_collections
 
   from star_jax.checkpoint import load_params

@@ -80,7 +80,8 @@ class Generator:
     self.params = jax.device_put(params)
     cfg = self.cfg
     self.hubert, self.bridge = build.hubert(cfg), build.bridge(cfg)
-    self.dit, self.vae = build.dit(cfg), build.vae(cfg)
+    self.dit, self.vae = build.dit(cfg), build.vae(cfg)  # Oobleck, or the fixed mel codec (no params)
+    self.vae_params = self.params.get("vae", {})
     self.sample_rate_hz = int(cfg.vae.sample_rate_hz)
     self.hop = build.vae_hop(cfg)
     self.latent_scale = build.latent_scale(cfg)
@@ -129,14 +130,14 @@ class Generator:
                           cfg_scale=float(f.cfg_scale if cfg_scale is None else cfg_scale),
                           sway_coef=float(f.sway_coef if sway is None else sway))
     latents = latents / self.latent_scale  # the DiT's space -> the VAE's
-    wav = np.asarray(self._decode(self.params["vae"], latents), np.float32)
+    wav = np.asarray(self._decode(self.vae_params, latents), np.float32)
     if wav.shape[1] < num_samples:
       wav = np.pad(wav, ((0, 0), (0, num_samples - wav.shape[1])))
     return wav[:, :num_samples]
 
   def reconstruct(self, audio_bt: np.ndarray) -> np.ndarray:
     """Audio (B, T) at the VAE rate -> decode(posterior mean of encode): what the VAE alone keeps."""
-    wav = np.asarray(self._decode(self.params["vae"], self._encode(self.params["vae"], audio_bt)), np.float32)
+    wav = np.asarray(self._decode(self.vae_params, self._encode(self.vae_params, audio_bt)), np.float32)
     if wav.shape[1] < audio_bt.shape[1]:
       wav = np.pad(wav, ((0, 0), (0, audio_bt.shape[1] - wav.shape[1])))
     return wav[:, :audio_bt.shape[1]]

@@ -116,3 +116,7 @@ def test_report_shows_counts_and_the_paired_tests():
   assert "| generated (spoken query) | 0.050 (13) | 0.100 (26) | 12.50 |" in md
   assert "| random (evaluator) | 13 | 2 | 0.0037 |" in md
   assert "use the last epoch's checkpoint" in md
+  # A fixed codec (no trained VAE) has no VAE-aware evaluator: no such column.
+  plain = {k: v for k, v in row.items() if not k.endswith("vae_aware")}
+  md = report_md({**report, "generation": {"generated (spoken query)": plain}}, {}, [], "/tmp")
+  assert "| generated (spoken query) | 0.050 (13) | 12.50 |" in md and "VAE-aware" not in md

@@ -114,7 +114,7 @@ def test_plan_compiles_the_step_the_loop_runs(tmp_path, mesh1, monkeypatch):
   def stop_at_compile(signature, mesh, rules):
     raise Compiling(signature)
 
-  small = ["data.audio_duration_s=0.32", "vae.channel_multiples=(1,2)", "vae.downsampling_ratios=(16,20)",
+  small = ["data.audio_duration_s=0.32", "vae.kind=oobleck", "vae.channel_multiples=(1,2)", "vae.downsampling_ratios=(16,20)",
            "vae_stage.steps=1", "vae_stage.batch_size=8", "vae_stage.warmup_steps=0"]
   cfg = load_config("configs/star.py:tiny", small + ["train.nan_policy=skip"])
   monkeypatch.setattr(state_lib.StepSignature, "compile", stop_at_compile)

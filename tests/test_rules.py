@@ -72,7 +72,7 @@ def _abstract_params(cfg, name):
     init = lambda: dit.DiT(c).init(rng, jnp.zeros((1, 4, c.latent_channels)), jnp.zeros((1,)),
                                    jnp.zeros((1, c.context_slots or 3, c.context_dim)))
   else:
-    c = vae.VAEConfig(**cfg.vae.to_dict())
+    c = vae.VAEConfig(**{k: v for k, v in cfg.vae.to_dict().items() if k != "kind"})  # tiny: Oobleck at its sizes
     init = lambda: vae.OobleckVAE(c).init(rng, jnp.zeros((1, 4 * vae.hop_length(c))))
   return jax.eval_shape(init)["params"]
 

@@ -186,9 +186,10 @@ def tiny_params():
 
 def test_lengths_and_config_sections():
   from star_jax.config import load_config
+  from star_jax.models import build
 
-  for variant, rate in [("tiny", 16000), ("paper", 24000)]:
-    cfg = VAEConfig(**load_config(f"configs/star.py:{variant}").vae.to_dict())
+  for variant, rate in [("tiny", 16000), ("paper", 24000)]:  # tiny's Oobleck sizes (its default codec is mel)
+    cfg = build.vae_config(load_config(f"configs/star.py:{variant}", ["vae.kind=oobleck"]))
     assert cfg.sample_rate_hz == rate and cfg.sample_rate_hz // hop_length(cfg) == 50  # DESIGN.md §2
     assert latent_length(cfg, 10 * rate) == 500
   paper = VAEConfig()

@@ -29,6 +29,7 @@ def spectrogram_png(path: str, real: np.ndarray, generated: np.ndarray, baseline
 
 def report_md(r: dict, queries: dict, pngs: list[str], out_dir: str) -> str:
   s1 = r["stage1"]
+  vae_aware = any("accuracy_vae_aware" in v for v in r["generation"].values())  # only with a trained VAE
   lines = [
       "# star-jax demo report", "",
       f"Config `{r['config']}` on {r['devices']} CPU device(s); {r['classes']} sound-event classes; "
@@ -52,14 +53,17 @@ def report_md(r: dict, queries: dict, pngs: list[str], out_dir: str) -> str:
       "real training clips and degraded copies of them (gain, low-pass, noise, shift), so that it judges the "
       "event rather than the coding. Event accuracy: the evaluator's top class is one of the query's events. "
       "FD: Fréchet distance between evaluator embeddings of the clips and of the real test clips (lower is closer).",
-      "", "The second accuracy column is an evaluator trained on the same clips and also on the VAE's "
-      "reconstructions of them: it judges the event as the VAE renders it (every generated clip is a VAE decode).",
-      "", "| audio | event accuracy | event accuracy, VAE-aware evaluator | FD to real |", "|---|---|---|---|",
-      *[f"| {name} | {v['accuracy']:.3f} ({v['hits']}) | {v['accuracy_vae_aware']:.3f} ({v['hits_vae_aware']}) "
-        f"| {v['fd']:.2f} |" for name, v in r["generation"].items()],
+      *(["", "The second accuracy column is an evaluator trained on the same clips and also on the VAE's "
+        "reconstructions of them: it judges the event as the VAE renders it (every generated clip is a VAE decode)."]
+        if vae_aware else []),
+      "", "| audio | event accuracy | " + ("event accuracy, VAE-aware evaluator | " if vae_aware else "")
+      + "FD to real |", "|---|---|" + ("---|" if vae_aware else "") + "---|",
+      *[f"| {name} | {v['accuracy']:.3f} ({v['hits']}) | "
+        + (f"{v['accuracy_vae_aware']:.3f} ({v['hits_vae_aware']}) | " if vae_aware else "")
+        + f"{v['fd']:.2f} |" for name, v in r["generation"].items()],
       "", "The baselines are the same model and sampler with the bridge tokens replaced by zeros or by "
       "Gaussian noise of the same mean and scale, so the gap to them is what the spoken query contributes. "
-      "The VAE row encodes and decodes the real clips: no generated clip can score better than it. "
+      "The codec row encodes and decodes the real clips: no generated clip can score better than it. "
       "In brackets: how many of the clips hold their query's event.",
       "", "Spoken query against each baseline, paired over the same queries (exact one-sided McNemar test: "
       "among the queries where exactly one of the two clips holds the event, how often it is the query's; "

@@ -21,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--max-queries", type=int, default=None,
                  help="held-out test queries to generate for, spread over the split (default: all of them)")
   p.add_argument("--png", type=int, default=8, help="spectrogram PNGs to draw")
+  p.add_argument("--listen", type=int, default=16, help="queries on the listening page, report.html")
 
 
 def _say(msg: str) -> None:
@@ -88,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
   from star_jax.config import load_config
   from star_jax.data.prepare_cli import prepare_cache, prepare_opensfx
   from star_jax.demo.evaluator import Evaluator, event_hits, paired_test
+  from star_jax.demo import page
   from star_jax.demo.report import report_md, spectrogram_png
+  from star_jax.models import build
   from star_jax.export import export_bundle
   from star_jax.generate import Generator, write_wav
   from star_jax.metrics.scores import frechet_distance, mean_average_precision
@@ -113,16 +116,18 @@ def run(args: argparse.Namespace) -> int:
 
   # 2. The stages, each resuming from its own workdir.
   stages = {}
-  stages["vae"] = _train_stage(args, "vae", os.path.join(work, "vae"), [])
+  vae_dir = os.path.join(work, "vae") if build.vae_trained(cfg) else None  # the mel codec (tiny) is fixed
+  if vae_dir:
+    stages["vae"] = _train_stage(args, "vae", vae_dir, [])
   stages["stage1"] = _train_stage(args, "stage1", os.path.join(work, "stage1"), [])
-  # Stage 2's frozen inputs, HuBERT frames (stage 1's best HuBERT) and VAE posteriors, computed once into the
-  # records rather than at every step: the VAE encoder was most of a stage-2 step. Reruns skip cached shards.
-  _say("caching stage 2's frozen features (HuBERT frames, VAE posteriors) in the records")
+  # Stage 2's frozen inputs, HuBERT frames (stage 1's HuBERT) and VAE posteriors, computed once into the records
+  # rather than at every step: the VAE encoder was most of a stage-2 step (the mel codec's STFT is not).
+  _say("caching stage 2's frozen features (HuBERT frames" + (", VAE posteriors)" if vae_dir else ")"))
   cache_start = time.time()
-  prepare_cache(args.data, hubert=os.path.join(work, "stage1"), vae=os.path.join(work, "vae"), splits=["train"])
+  prepare_cache(args.data, hubert=os.path.join(work, "stage1"), vae=vae_dir, splits=["train"])
   timings["cache_s"] = round(time.time() - cache_start, 1)
   stages["stage2"] = _train_stage(args, "stage2", os.path.join(work, "stage2"), [
-      f"stage2.init_bridge={os.path.join(work, 'stage1')}", f"stage2.init_vae={os.path.join(work, 'vae')}"])
+      f"stage2.init_bridge={os.path.join(work, 'stage1')}", *([f"stage2.init_vae={vae_dir}"] if vae_dir else [])])
   bundle = export_bundle(os.path.join(work, "stage2"), os.path.join(work, "bundle"))
   timings["training_s"] = round(time.time() - t0 - timings["corpus_s"] - timings["cache_s"], 1)
 
@@ -154,17 +159,19 @@ def run(args: argparse.Namespace) -> int:
   outputs = {k: np.concatenate(v) for k, v in outputs.items()}
   timings["generation_s"] = round(time.time() - t0 - sum(timings.values()), 1)
 
-  # 5. Two evaluators, both trained on the real training clips (and degraded copies): the first judges audio
-  # as heard; the second has also heard the VAE's reconstructions of those clips, so it judges which event a
-  # clip holds as this VAE renders it. A generated clip only ever reaches the ear through the VAE decoder: while
-  # the tiny VAE is weak (its reconstructions fool the first evaluator rarely), the second one shows what the
-  # spoken query contributes, and the gap between the two columns is what the VAE costs.
-  _say("training the evaluator classifiers on the real training clips")
+  # 5. The evaluator, trained on the real training clips (and degraded copies), judges audio as heard. With a
+  # trained VAE a second one has also heard the VAE's reconstructions of those clips, so it judges which event a
+  # clip holds as this VAE renders it: while a tiny VAE is weak (its reconstructions fool the first evaluator
+  # rarely), it shows what the spoken query contributes. The fixed mel codec keeps 0.9 of the events: no second.
+  _say("training the evaluator classifier on the real training clips")
   train = split_arrays(cfg, "train")
   evaluator = Evaluator(gen.sample_rate_hz).fit(train["audio"], train["labels"])
-  half = np.arange(0, len(train["id"]), 2)  # every other clip: the VAE's rendering, at half the encode/decode time
-  train_recon = np.concatenate([gen.reconstruct(train["audio"][half[i:i + 64]]) for i in range(0, len(half), 64)])
-  vae_evaluator = evaluator.extended(train_recon, train["labels"][half])
+  evaluators = {"evaluator": evaluator}
+  if build.vae_trained(cfg):
+    half = np.arange(0, len(train["id"]), 2)  # every other clip: the VAE's rendering, at half the time
+    train_recon = np.concatenate([gen.reconstruct(train["audio"][half[i:i + 64]])
+                                  for i in range(0, len(half), 64)])
+    evaluators["VAE-aware evaluator"] = evaluator.extended(train_recon, train["labels"][half])
   _say("scoring real, generated and baseline clips")
   real_emb = evaluator.embed(test["audio"])
   labels = queries["labels"]
@@ -172,10 +179,12 @@ def run(args: argparse.Namespace) -> int:
   hits = {}
 
   def score(wav_nt, name):
-    hits[name] = (event_hits(evaluator, wav_nt, labels), event_hits(vae_evaluator, wav_nt, labels))
-    return {"accuracy": float(hits[name][0].mean()), "accuracy_vae_aware": float(hits[name][1].mean()),
-            "hits": int(hits[name][0].sum()), "hits_vae_aware": int(hits[name][1].sum()),
-            "fd": frechet_distance(evaluator.embed(wav_nt), real_emb)}
+    hits[name] = tuple(event_hits(ev, wav_nt, labels) for ev in evaluators.values())
+    row = {"accuracy": float(hits[name][0].mean()), "hits": int(hits[name][0].sum()),
+           "fd": frechet_distance(evaluator.embed(wav_nt), real_emb)}
+    if len(hits[name]) > 1:
+      row.update(accuracy_vae_aware=float(hits[name][1].mean()), hits_vae_aware=int(hits[name][1].sum()))
+    return row
 
   scores = {"real test clips": score(queries["audio"], "real")}
   # The evaluator judges events, not fidelity: the real clips low-passed at 4 kHz should still score high.
@@ -184,13 +193,13 @@ def run(args: argparse.Namespace) -> int:
   scores["real test clips, low-passed at 4 kHz"] = score(lowpassed, "lowpassed")
   # The ceiling of generation: the same real clips through the trained VAE alone.
   recon = np.concatenate([gen.reconstruct(queries["audio"][i:i + bs]) for i in range(0, len(speech), bs)])
-  scores["real clips through the VAE (ceiling)"] = score(recon, "recon")
+  scores["real clips through the codec (ceiling)"] = score(recon, "recon")
   for kind, name in (("speech", "generated (spoken query)"), ("zero", "baseline: zero condition"),
                      ("random", "baseline: random condition")):
     scores[name] = score(outputs[kind], kind)
   # Is the query's gain over each baseline more than chance? Paired over the same queries, per evaluator.
   significance = {f"{base} ({ev})": paired_test(hits["speech"][e], hits[base][e])
-                  for base in ("zero", "random") for e, ev in enumerate(("evaluator", "VAE-aware evaluator"))}
+                  for base in ("zero", "random") for e, ev in enumerate(evaluators)}
 
   # 6. Files: wavs, spectrograms, report.
   wav_dir = os.path.join(out_dir, "wavs")
@@ -214,9 +223,17 @@ def run(args: argparse.Namespace) -> int:
                 evaluator_train_clips=len(train["id"]))
   with open(os.path.join(out_dir, "report.json"), "w") as f:
     json.dump(report, f, indent=2, default=float)
+  markdown = report_md(report, queries, pngs, out_dir)
   with open(os.path.join(out_dir, "report.md"), "w") as f:
-    f.write(report_md(report, queries, pngs, out_dir))
-  _say(f"done in {timings['total_s'] / 60:.1f} min: {os.path.join(out_dir, 'report.md')}")
+    f.write(markdown)
+  # The listening page: queries drawn at random over the test split (fixed seed), not picked.
+  examples = [dict(id=queries["id"][i], caption=queries["caption"][i], rate_hz=gen.sample_rate_hz,
+                   query_rate_hz=SPEECH_RATE_HZ, query=speech[i], generated=outputs["speech"][i],
+                   zero=outputs["zero"][i], real=queries["audio"][i], hit=bool(hits["speech"][0][i]))
+              for i in page.pick(len(queries["id"]), args.listen, seed=0)]
+  page.write_page(out_dir, examples, markdown)
+  _say(f"done in {timings['total_s'] / 60:.1f} min: {os.path.join(out_dir, 'report.md')}; listen: "
+       f"{os.path.join(out_dir, 'report.html')}")
   return 0
 
 

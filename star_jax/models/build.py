@@ -74,18 +74,53 @@ def dit(cfg, context_dim: int | None = None):
   return DiT(dit_config(cfg, context_dim))
 
 
+VAE_KINDS = ("oobleck", "mel")
+
+
+def vae_kind(cfg) -> str:
+  """`vae.kind`: "oobleck" (the trained VAE) or "mel" (the fixed log-mel codec, `mel_codec` section)."""
+  kind = cfg.vae.get("kind", "oobleck")
+  if kind not in VAE_KINDS:
+    raise UserError(f"vae.kind '{kind}': choose one of {VAE_KINDS}")
+  return kind
+
+
 def vae_config(cfg):
+  """The codec's model config: `VAEConfig` (Oobleck) or `MelConfig` (the mel codec's sample rate and band count
+  are `vae.sample_rate_hz` and `vae.latent_channels`)."""
+  if vae_kind(cfg) == "mel":
+    from star_jax.models.mel_codec import MelConfig
+    return MelConfig(sample_rate_hz=int(cfg.vae.sample_rate_hz), latent_channels=int(cfg.vae.latent_channels),
+                     **cfg.mel_codec.to_dict())
   from star_jax.models.vae import VAEConfig
-  return VAEConfig(**cfg.vae.to_dict())
+  return VAEConfig(**{k: v for k, v in cfg.vae.to_dict().items() if k != "kind"})
 
 
 def vae(cfg):
+  """The codec in the VAE slot, Oobleck or the fixed mel codec: the same `encode`/`decode` calls."""
+  if vae_kind(cfg) == "mel":
+    from star_jax.models.mel_codec import MelCodec
+    return MelCodec(vae_config(cfg))
   from star_jax.models.vae import OobleckVAE
   return OobleckVAE(vae_config(cfg))
 
 
+def vae_trained(cfg) -> bool:
+  """Whether the codec has parameters (a `vae` component to train, freeze, load and export)."""
+  return vae_kind(cfg) != "mel"
+
+
+def init_vae(cfg, rng: jax.Array) -> dict:
+  """{'vae': params} for a trained codec, {} for the fixed one (frozen trees hold no empty component)."""
+  if not vae_trained(cfg):
+    return {}
+  return {"vae": vae(cfg).init(rng, jax.numpy.zeros((1, 4 * vae_hop(cfg))))["params"]}
+
+
 def vae_hop(cfg) -> int:
-  """Audio samples per latent frame (the product of the VAE's strides)."""
+  """Audio samples per latent frame (the product of the VAE's strides, or the mel codec's hop)."""
+  if vae_kind(cfg) == "mel":
+    return int(cfg.mel_codec.hop_length)
   return int(math.prod(cfg.vae.downsampling_ratios))
 
 
@@ -155,11 +190,11 @@ def speech_tokens(cfg, params: dict, batch: dict, *, use_cache: bool = True, rng
 def audio_latents(cfg, vae_params, batch: dict, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Flow-matching targets x0: cached latents when the batch has them, else a posterior sample of the VAE
   encoder (DESIGN.md §2: encoding samples the posterior; no shift), times `latent_scale(cfg)` -> (B, L, C),
-  (B, L)."""
+  (B, L). The mel codec has no params (`vae_params` None) and a zero std."""
   if "latents" in batch:
     z, mask = batch["latents"], batch["latents_mask"]
   else:
-    mean, std = vae(cfg).apply({"params": vae_params}, batch["audio"], method="encode")
+    mean, std = vae(cfg).apply({"params": vae_params or {}}, batch["audio"], method="encode")
     z = jax.lax.stop_gradient(mean + std * jax.random.normal(rng, mean.shape))
     mask = latent_mask(cfg, batch["audio_mask"], z.shape[1])
   return z * latent_scale(cfg), mask

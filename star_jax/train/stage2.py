@@ -31,7 +31,7 @@ def split_bridge(bridge_params: dict, trainable_names: tuple[str, ...] = TRAINAB
 def build(cfg, data=None) -> Stage:
   hp = cfg.stage2
   hubert, bridge = build_lib.hubert(cfg), build_lib.bridge(cfg)
-  dit, vae = build_lib.dit(cfg), build_lib.vae(cfg)
+  dit = build_lib.dit(cfg)
   trainable_bridge = TRAINABLE_BRIDGE if hp.get("train_projection", True) else ()
 
   def init(rng):
@@ -43,14 +43,19 @@ def build(cfg, data=None) -> Stage:
         "params": {"dit": dit.init(r_dit, latents, jnp.zeros((1,)), jnp.zeros((1, q, width)))["params"],
                    "bridge": proj},
         "frozen": {"hubert": hubert.init(r_hub, jnp.zeros((1, 4000)))["params"], "bridge": body,
-                   "vae": vae.init(r_vae, jnp.zeros((1, 4 * build_lib.vae_hop(cfg))))["params"]},
+                   **build_lib.init_vae(cfg, r_vae)},
     }
 
+  token_noise = float(hp.get("token_noise", 0.0))
+
   def loss(params, frozen, batch, rng):
-    r_latents, r_flow = jax.random.split(rng)
+    r_latents, r_flow, r_noise = jax.random.split(rng, 3)
     parts = {"hubert": frozen["hubert"], "bridge": {**frozen["bridge"], **params["bridge"]}}
     tokens = build_lib.speech_tokens(cfg, parts, batch, modules=(hubert, bridge))
-    x0, x_mask = build_lib.audio_latents(cfg, frozen["vae"], batch, r_latents)
+    if token_noise:  # Gaussian noise on the condition, relative to the tokens' spread: voices the DiT never heard
+      spread = jax.lax.stop_gradient(jnp.std(tokens, axis=0, keepdims=True).mean())
+      tokens = tokens + token_noise * spread * jax.random.normal(r_noise, tokens.shape)
+    x0, x_mask = build_lib.audio_latents(cfg, frozen.get("vae"), batch, r_latents)
     if not hp.get("mask_padding", True):  # short clips padded with silence: generate the silence too
       x_mask = None
     value = flow.flow_matching_loss(dit.apply, {"params": params["dit"]}, x0, tokens, r_flow,
@@ -72,10 +77,10 @@ def build(cfg, data=None) -> Stage:
       frozen["hubert"] = trained.put_like(parts.get("hubert"), frozen["hubert"], "stage2.init_bridge (HuBERT)")
     else:
       log.warning("stage2: no init_bridge; HuBERT and the Q-Former are random and frozen")
-    if hp.init_vae:
+    if hp.init_vae and build_lib.vae_trained(cfg):  # the fixed mel codec has nothing to load
       frozen["vae"] = trained.put_like(trained.component(hp.init_vae, "vae"), frozen["vae"],
                                           "stage2.init_vae")
-    else:
+    elif build_lib.vae_trained(cfg):
       log.warning("stage2: no init_vae; the VAE is random and frozen")
     state = state.replace(params=params, frozen=frozen)
     if state.ema is not None:

@@ -18,18 +18,18 @@ log = logging.getLogger("star_jax.train")
 
 def build(cfg, data=None) -> Stage:
   hp = cfg.tta
-  dit, vae = build_lib.dit(cfg, context_dim=hp.text_dim), build_lib.vae(cfg)
+  dit = build_lib.dit(cfg, context_dim=hp.text_dim)
   text_tokens = int(cfg.data.text_max_tokens)  # the pipeline pads or crops every caption's rows to this
 
   def init(rng):
     r_dit, r_vae = jax.random.split(rng)
     latents = jnp.zeros((1, 4, cfg.vae.latent_channels))
     return {"params": {"dit": dit.init(r_dit, latents, jnp.zeros((1,)), jnp.zeros((1, text_tokens, hp.text_dim)))["params"]},
-            "frozen": {"vae": vae.init(r_vae, jnp.zeros((1, 4 * build_lib.vae_hop(cfg))))["params"]}}
+            "frozen": build_lib.init_vae(cfg, r_vae)}
 
   def loss(params, frozen, batch, rng):
     r_latents, r_flow = jax.random.split(rng)
-    x0, x_mask = build_lib.audio_latents(cfg, frozen["vae"], batch, r_latents)
+    x0, x_mask = build_lib.audio_latents(cfg, frozen.get("vae"), batch, r_latents)
     if not hp.get("mask_padding", True):  # short clips padded with silence: generate the silence too
       x_mask = None
     value = flow.flow_matching_loss(dit.apply, {"params": params["dit"]}, x0, batch["text_emb"], r_flow,
@@ -38,6 +38,8 @@ def build(cfg, data=None) -> Stage:
     return value, {"flow": value}
 
   def load_pretrained(state):
+    if not build_lib.vae_trained(cfg):
+      return state  # the fixed mel codec: nothing to load
     if not hp.init_vae:
       log.warning("tta: no init_vae; the VAE is random and frozen")
       return state

@@ -7,6 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from star_jax.errors import UserError
 from star_jax.models import build as build_lib
 from star_jax.train.stage import Stage
 
@@ -53,6 +54,9 @@ def build(cfg, data=None) -> Stage:
   from star_jax.models.vae import posterior_kl
 
   hp = cfg.vae_stage
+  if not build_lib.vae_trained(cfg):
+    raise UserError(f"vae.kind is '{build_lib.vae_kind(cfg)}': a fixed codec with nothing to train; the flow "
+                    f"stages use it as it is (set vae.kind=oobleck to train a VAE)")
   vae = build_lib.vae(cfg)
   windows = tuple(int(w) for w in hp.stft_windows)
   hop = build_lib.vae_hop(cfg)
