@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import jax
 import numpy as np
 
+from star_jax import paths
 from star_jax.errors import UserError
 
 
@@ -27,31 +27,32 @@ def _jsonable(config: Any) -> Any:
 
 
 def save_params(directory: str, params: Any, config: Any = None, kind: str = "") -> str:
-  """Write params (a nested dict of arrays) and an optional config to `directory`; returns its path."""
+  """Write params (a nested dict of arrays) and an optional config to `directory` (a folder or URL);
+  returns its path. Every process calls it: orbax writes each process's shards of global arrays, and
+  process 0 writes the config."""
   import orbax.checkpoint as ocp
 
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
-  target = os.path.join(directory, "params")
+  directory = paths.run_path(directory)
+  params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else np.asarray(x), params)
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(target, jax.tree.map(np.asarray, params), force=True)
-  meta = {"kind": kind, "config": _jsonable(config) if config is not None else None}
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(meta, f, indent=2)
-  return directory
+    ckptr.save(directory / "params", params, force=True)
+  if jax.process_index() == 0:
+    meta = {"kind": kind, "config": _jsonable(config) if config is not None else None}
+    paths.write_text(directory / "config.json", json.dumps(meta, indent=2))
+  return str(directory)
 
 
 def load_params(directory: str, sharding: Any = None) -> tuple[Any, dict]:
   """Read `directory` written by `save_params` -> (params, {'kind': ..., 'config': ...})."""
   import orbax.checkpoint as ocp
 
-  directory = os.path.abspath(directory)
-  target = os.path.join(directory, "params")
-  if not os.path.isdir(target):
+  directory = paths.run_path(directory)
+  target = directory / "params"
+  if not target.is_dir():
     raise UserError(f"'{directory}' is not a star-jax params checkpoint (no 'params' folder); "
                     f"write one with `star-jax convert` or `star-jax export`")
-  meta_path = os.path.join(directory, "config.json")
-  meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {"kind": "", "config": None}
+  meta_path = directory / "config.json"
+  meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"kind": "", "config": None}
   with ocp.StandardCheckpointer() as ckptr:
     if sharding is None:
       params = ckptr.restore(target)
@@ -79,7 +80,7 @@ class TrainCheckpointer:
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
     import orbax.checkpoint as ocp
 
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.run_path(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -115,7 +116,7 @@ class TrainCheckpointer:
       raise UserError(f"no checkpoint to restore in '{self.directory}'")
     items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
     if data_iter is not None:
-      if not os.path.isdir(os.path.join(self.directory, str(step), "data")):
+      if not (self.directory / str(step) / "data").is_dir():
         raise UserError(f"checkpoint step {step} in '{self.directory}' has no data iterator state")
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
@@ -128,7 +129,7 @@ class TrainCheckpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise UserError(f"no checkpoint to restore in '{self.directory}'")
-    state_dir = os.path.join(self.directory, str(step), "state")
+    state_dir = self.directory / str(step) / "state"
     with ocp.PyTreeCheckpointer() as ckptr:
       tree = ckptr.metadata(state_dir).item_metadata.tree
       as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)

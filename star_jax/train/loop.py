@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import signal
 import threading
 import time
@@ -15,7 +14,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from star_jax import checkpoint, sharding
+from star_jax import checkpoint, paths, sharding
 from star_jax.errors import UserError
 from star_jax.train import state as state_lib
 from star_jax.train.stage import Data, Stage
@@ -39,7 +38,10 @@ class Result:
 class PreemptionGuard:
   """SIGTERM/SIGINT set a flag the loop checks after every step (it then saves and returns).
 
-  A second SIGINT interrupts at once (KeyboardInterrupt), for a user who really wants out.
+  A second SIGINT interrupts at once (KeyboardInterrupt), for a user who really wants out. In a
+  multi-process run the signals are left to JAX: its preemption notifier (installed by
+  `jax.distributed.initialize`) takes SIGTERM on any process and every process reaches the same sync
+  point (`TrainCheckpointer.reached_preemption`), where a local flag would stop one process alone.
   """
 
   def __init__(self):
@@ -52,7 +54,7 @@ class PreemptionGuard:
     self.requested = signal.Signals(signum).name
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
       for sig in (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
@@ -92,11 +94,9 @@ def train(cfg: Any, stage: Stage, workdir: str, data: Data, *, mesh: jax.shardin
           progress: bool = True, on_step: Callable[[int], None] | None = None) -> Result:
   """Train `stage` in `workdir`, resuming from its latest checkpoint if there is one."""
   hp, tc = stage.hparams, cfg.train
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.run_path(workdir)  # a folder or a URL (gs://...) that every process sees
   if jax.process_index() == 0:  # what `export` and later stages read back
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json(indent=2))
+    paths.write_text(workdir / "config.json", cfg.to_json(indent=2))
   if tc.nan_policy not in ("stop", "skip"):
     raise UserError(f"train.nan_policy must be 'stop' or 'skip', got '{tc.nan_policy}'")
 
@@ -125,7 +125,7 @@ def train(cfg: Any, stage: Stage, workdir: str, data: Data, *, mesh: jax.shardin
   abstract_state = checkpoint.abstract_tree(shapes, shardings)
 
   # --- Restore the latest checkpoint, or a sharded init (+ pretrained parts) for a fresh run.
-  ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=int(tc.keep_checkpoints))
+  ckpt = checkpoint.TrainCheckpointer(workdir / "checkpoints", keep=int(tc.keep_checkpoints))
   meta: dict = {}
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(abstract_state, train_iter)
@@ -212,7 +212,8 @@ def train(cfg: Any, stage: Stage, workdir: str, data: Data, *, mesh: jax.shardin
         bar.update(1)
         if on_step is not None:
           on_step(done)
-        preempted = guard.requested or (jax.process_count() > 1 and ckpt.reached_preemption(done))
+        preempted = guard.requested or (jax.process_count() > 1 and ckpt.reached_preemption(done)
+                                         and "preemption notice (SIGTERM to a process)")
         epoch_end = stage.evaluate is not None and done % steps_per_epoch == 0
         save = done % ckpt_every == 0 or done == total_steps
         if done % log_every == 0 or preempted or epoch_end or save:
@@ -223,7 +224,7 @@ def train(cfg: Any, stage: Stage, workdir: str, data: Data, *, mesh: jax.shardin
           if best is None or result["score"] > best["score"]:
             best, evals_since_best = {**result, "step": done}, 0
             if keep_best:
-              checkpoint.save_params(os.path.join(workdir, "best"),
+              checkpoint.save_params(workdir / "best",
                                      {"params": state.params, "frozen": state.frozen},
                                      cfg, kind=stage.name)
           else:
