@@ -63,6 +63,24 @@ def load_params(directory: str, sharding: Any = None) -> tuple[Any, dict]:
   return params, meta
 
 
+def save_frozen(workdir: Any, frozen: Any) -> None:
+  """Frozen sub-models (HuBERT, the Q-Former body, the VAE: ~2 GB in paper stage 2) are written once per
+  run, to `workdir/frozen`, not into every checkpoint and `best/` (TrainCheckpointer saves them as None)."""
+  if jax.tree.leaves(frozen):
+    save_params(paths.run_path(workdir) / "frozen", frozen, kind="frozen")
+
+
+def load_frozen(workdir: Any, shardings: Any) -> Any:
+  """`save_frozen`'s tree, restored into `shardings` (a tree of shardings; empty when nothing is frozen)."""
+  if not jax.tree.leaves(shardings):
+    return shardings
+  directory = paths.run_path(workdir) / "frozen"
+  if not (directory / "params").is_dir():
+    raise UserError(f"'{directory}' is missing: the run's frozen sub-models are written there once and its "
+                    f"checkpoints do not hold them; start the run again in a new workdir")
+  return load_params(directory, shardings)[0]
+
+
 def abstract_tree(shapes: Any, shardings: Any) -> Any:
   """Shapes (from `jax.eval_shape`) + shardings -> ShapeDtypeStructs to restore straight into place."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
@@ -140,10 +158,6 @@ class TrainCheckpointer:
   def wait(self) -> None:
     """Block until every pending save is on disk."""
     self._manager.wait_until_finished()
-
-  def reached_preemption(self, step: int) -> bool:
-    """True on every host at the same step once any host got a preemption notice (multi-host)."""
-    return self._manager.reached_preemption(step)
 
   def close(self) -> None:
     self._manager.wait_until_finished()

@@ -28,12 +28,12 @@ def load_trained(path: str) -> tuple[dict, str]:
     tree, meta = checkpoint.load_params(path)
     kind = meta.get("kind", "")
     if set(tree) <= {"params", "frozen", "ema"} and "params" in tree:
-      return _merge(tree), kind
+      return _merge(_with_frozen(tree, path.parent)), kind
     return {kind: tree}, kind  # a converted component (star-jax convert KIND)
   ckpt_dir = path / "checkpoints"
   if ckpt_dir.is_dir():
     state, meta = checkpoint.TrainCheckpointer(ckpt_dir).restore_numpy()
-    return _merge(state), meta.get("stage", "")
+    return _merge(_with_frozen(state, path)), meta.get("stage", "")
   raise UserError(f"'{path}' is neither a star-jax train workdir (no checkpoints/ or best/) nor a params "
                   f"checkpoint; give the workdir of the stage that trained it")
 
@@ -54,6 +54,14 @@ def _resolve(path: str):
   path = paths.run_path(path)
   best = path / "best"
   return best if (best / "params").is_dir() else path
+
+
+def _with_frozen(state: dict, workdir) -> dict:
+  """A train state as checkpoints and best/ hold it lacks the frozen sub-models: the run wrote them once to
+  `workdir/frozen` (checkpoint.save_frozen)."""
+  if not state.get("frozen") and (workdir / "frozen" / "params").is_dir():
+    state = {**state, "frozen": checkpoint.load_params(workdir / "frozen")[0]}
+  return state
 
 
 def _merge(state: dict) -> dict:

@@ -39,9 +39,8 @@ class PreemptionGuard:
   """SIGTERM/SIGINT set a flag the loop checks after every step (it then saves and returns).
 
   A second SIGINT interrupts at once (KeyboardInterrupt), for a user who really wants out. In a
-  multi-process run the signals are left to JAX: its preemption notifier (installed by
-  `jax.distributed.initialize`) takes SIGTERM on any process and every process reaches the same sync
-  point (`TrainCheckpointer.reached_preemption`), where a local flag would stop one process alone.
+  multi-process run a signal reaches one process (a preempted host, a `kill`), so `agreed()` gathers the
+  flags of all processes after each step: every process then saves the same step and returns.
   """
 
   def __init__(self):
@@ -53,15 +52,26 @@ class PreemptionGuard:
       raise KeyboardInterrupt
     self.requested = signal.Signals(signum).name
 
+  def agreed(self) -> str | None:
+    """The signal's name once any process got one; the same answer on every process at the same step."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    flags = np.asarray(multihost_utils.process_allgather(np.int32(self.requested is not None)))
+    if not flags.any():
+      return None
+    return self.requested or f"a signal to process {int(np.argmax(flags))}"
+
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+    if threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+      # None: a handler installed outside Python (JAX's preemption notifier), which cannot be put back
+      signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
@@ -124,16 +134,19 @@ def train(cfg: Any, stage: Stage, workdir: str, data: Data, *, mesh: jax.shardin
   shapes, shardings = state_lib.state_layout(stage.init, tx, mesh, rules, init_rng, ema_decay > 0)
   abstract_state = checkpoint.abstract_tree(shapes, shardings)
 
-  # --- Restore the latest checkpoint, or a sharded init (+ pretrained parts) for a fresh run.
+  # --- Restore the latest checkpoint, or a sharded init (+ pretrained parts) for a fresh run. Checkpoints
+  # hold params, optimizer state, EMA and the data iterator; frozen sub-models are written once, to frozen/.
   ckpt = checkpoint.TrainCheckpointer(workdir / "checkpoints", keep=int(tc.keep_checkpoints))
   meta: dict = {}
   if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(abstract_state, train_iter)
+    state, meta = ckpt.restore(abstract_state.replace(frozen=None), train_iter)
+    state = state.replace(frozen=checkpoint.load_frozen(workdir, shardings.frozen))
     log.info("%s: resumed from step %d in %s", stage.name, ckpt.latest_step(), ckpt.directory)
   else:
     state = state_lib.init_state(stage.init, tx, mesh, rules, init_rng, shardings)
     if stage.load_pretrained is not None:
       state = stage.load_pretrained(state)
+    checkpoint.save_frozen(workdir, state.frozen)
   start_step = int(jax.device_get(state.step))
   writer = MetricWriter(workdir, resume_step=start_step)
   if start_step >= total_steps or meta.get("early_stopped"):
@@ -212,8 +225,7 @@ def train(cfg: Any, stage: Stage, workdir: str, data: Data, *, mesh: jax.shardin
         bar.update(1)
         if on_step is not None:
           on_step(done)
-        preempted = guard.requested or (jax.process_count() > 1 and ckpt.reached_preemption(done)
-                                         and "preemption notice (SIGTERM to a process)")
+        preempted = guard.agreed()
         epoch_end = stage.evaluate is not None and done % steps_per_epoch == 0
         save = done % ckpt_every == 0 or done == total_steps
         if done % log_every == 0 or preempted or epoch_end or save:
@@ -224,9 +236,7 @@ def train(cfg: Any, stage: Stage, workdir: str, data: Data, *, mesh: jax.shardin
           if best is None or result["score"] > best["score"]:
             best, evals_since_best = {**result, "step": done}, 0
             if keep_best:
-              checkpoint.save_params(workdir / "best",
-                                     {"params": state.params, "frozen": state.frozen},
-                                     cfg, kind=stage.name)
+              checkpoint.save_params(workdir / "best", {"params": state.params}, cfg, kind=stage.name)
           else:
             evals_since_best += 1
           bar.write(f"{stage.name} epoch {done // steps_per_epoch}: "
@@ -237,7 +247,7 @@ def train(cfg: Any, stage: Stage, workdir: str, data: Data, *, mesh: jax.shardin
           status = "preempted"
           bar.write(f"{stage.name}: {preempted}: saving step {done} and exiting")
         if save or status != "done":
-          ckpt.save(done, state, train_iter, meta_now(), force=True)
+          ckpt.save(done, state.replace(frozen=None), train_iter, meta_now(), force=True)
         if status != "done":
           break
   finally:
