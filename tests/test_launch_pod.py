@@ -66,3 +66,40 @@ def test_tpu_pod_launcher_stages_data_and_runs_detached(tmp_path):
   finally:
     for pgid in pgids:
       os.killpg(pgid, 15)
+
+
+# Stand-ins for srun / scancel / scontrol and a `star-jax` that saves on SIGTERM: enough of Slurm to run
+# launch/slurm_gpu.sbatch's preemption path on this machine.
+FAKE_SLURM = {
+    "srun": '#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\n"$@" &\necho $! > "$FAKE_SLURM/task.pid"\nwait $!\n',
+    "scancel": '#!/usr/bin/env bash\necho "scancel $*" >> "$FAKE_SLURM/calls"\nkill -TERM "$(cat "$FAKE_SLURM/task.pid")"\n',
+    "scontrol": '#!/usr/bin/env bash\necho "scontrol $*" >> "$FAKE_SLURM/calls"\n',
+    "star-jax": ('#!/usr/bin/env bash\ntrap \'echo "saved step 7"; exit 0\' TERM\necho "training $*"\n'
+                 'while true; do sleep 0.1; done\n'),
+}
+
+
+def test_slurm_script_checkpoints_and_requeues_before_the_time_limit(tmp_path):
+  """SIGTERM to the batch script (what --signal=B:TERM@300 sends): the tasks get SIGTERM, save and exit 0,
+  and the script requeues the job and exits 0."""
+  venv_bin = tmp_path / "venv" / "bin"
+  venv_bin.mkdir(parents=True)
+  for name, text in FAKE_SLURM.items():
+    path = (venv_bin if name == "star-jax" else tmp_path) / name
+    path.write_text(text)
+    path.chmod(0o755)
+  env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", FAKE_SLURM=str(tmp_path),
+             STAR_VENV=str(tmp_path / "venv"), SLURM_JOB_ID="42", SLURM_NTASKS="2", SLURM_JOB_NUM_NODES="1",
+             SLURM_JOB_NODELIST="n1")
+  job = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "slurm_gpu.sbatch"), "train", "--workdir", "w"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 30
+  while not (tmp_path / "task.pid").exists():
+    assert job.poll() is None and time.time() < deadline
+    time.sleep(0.1)
+  time.sleep(0.5)
+  job.send_signal(15)
+  out, _ = job.communicate(timeout=30)
+  assert job.returncode == 0, out
+  assert "training train --workdir w" in out and "saved step 7" in out
+  assert (tmp_path / "calls").read_text().splitlines() == ["scancel --signal=TERM 42", "scontrol requeue 42"]
