@@ -80,6 +80,23 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   return group
 
 
+def await_lost_process(error: Exception) -> None:
+  """After a step failed in a multi-process job (a collective with a dead process fails at once): wait for
+  JAX's coordination service, which ends this process with a line naming the lost task once it misses its
+  heartbeats; returns (and the caller re-raises) when no verdict comes, as for an error of this process."""
+  import sys
+  import time
+
+  import jax
+  if jax.process_count() == 1:
+    return
+  wait_s = (_int_env(os.environ, ENV_HEARTBEAT_TIMEOUT_S) or 100) + 15
+  first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  print(f"star-jax: process {jax.process_index()}: a step failed ({first_line}); waiting up to {wait_s} s for "
+        f"the coordination service to name a lost process", file=sys.stderr, flush=True)
+  time.sleep(wait_s)
+
+
 def resolve(coordinator: str | None = None, num_processes: int | None = None,
             process_id: int | None = None, local_device_ids: Sequence[int] | None = None,
             environ: dict[str, str] | None = None) -> ProcessGroup:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from star_jax import checkpoint, paths, sharding
+from star_jax import checkpoint, distributed, paths, sharding
 from star_jax.errors import UserError
 from star_jax.train import state as state_lib
 from star_jax.train.stage import Data, Stage
@@ -250,6 +250,9 @@ def train(cfg: Any, stage: Stage, workdir: str, data: Data, *, mesh: jax.shardin
           ckpt.save(done, state.replace(frozen=None), train_iter, meta_now(), force=True)
         if status != "done":
           break
+  except jax.errors.JaxRuntimeError as e:
+    distributed.await_lost_process(e)  # a dead peer: JAX names it and ends this process
+    raise
   finally:
     bar.close()
     writer.close()
