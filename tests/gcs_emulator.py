@@ -12,6 +12,7 @@ star_jax knows it is talking to an emulator.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import tempfile
@@ -85,4 +86,5 @@ class GcsEmulator:
       self._proc.terminate()
       self._proc.wait(timeout=10)
     self._log.close()
+    os.unlink(self._log.name)
     self._root.cleanup()
