@@ -81,7 +81,7 @@ def _worker_env(**extra):
   return env
 
 
-def _wait_for_step(workdir, step, procs, timeout_s=300):
+def _wait_for_step(workdir, step, procs, timeout_s=900):  # a hang guard; a loaded 2-core machine is slow
   import time
   deadline = time.time() + timeout_s
   while not any(r["step"] >= step for r in read_metrics(workdir)):
