@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import jax
 import numpy as np
 
+from star_jax import paths
 from star_jax.errors import UserError
 
 
@@ -27,31 +27,32 @@ def _jsonable(config: Any) -> Any:
 
 
 def save_params(directory: str, params: Any, config: Any = None, kind: str = "") -> str:
-  """Write params (a nested dict of arrays) and an optional config to `directory`; returns its path."""
+  """Write params (a nested dict of arrays) and an optional config to `directory` (a folder or URL);
+  returns its path. Every process calls it: orbax writes each process's shards of global arrays, and
+  process 0 writes the config."""
   import orbax.checkpoint as ocp
 
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
-  target = os.path.join(directory, "params")
+  directory = paths.run_path(directory)
+  params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else np.asarray(x), params)
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(target, jax.tree.map(np.asarray, params), force=True)
-  meta = {"kind": kind, "config": _jsonable(config) if config is not None else None}
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(meta, f, indent=2)
-  return directory
+    ckptr.save(directory / "params", params, force=True)
+  if jax.process_index() == 0:
+    meta = {"kind": kind, "config": _jsonable(config) if config is not None else None}
+    paths.write_text(directory / "config.json", json.dumps(meta, indent=2))
+  return str(directory)
 
 
 def load_params(directory: str, sharding: Any = None) -> tuple[Any, dict]:
   """Read `directory` written by `save_params` -> (params, {'kind': ..., 'config': ...})."""
   import orbax.checkpoint as ocp
 
-  directory = os.path.abspath(directory)
-  target = os.path.join(directory, "params")
-  if not os.path.isdir(target):
+  directory = paths.run_path(directory)
+  target = directory / "params"
+  if not target.is_dir():
     raise UserError(f"'{directory}' is not a star-jax params checkpoint (no 'params' folder); "
                     f"write one with `star-jax convert` or `star-jax export`")
-  meta_path = os.path.join(directory, "config.json")
-  meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {"kind": "", "config": None}
+  meta_path = directory / "config.json"
+  meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"kind": "", "config": None}
   with ocp.StandardCheckpointer() as ckptr:
     if sharding is None:
       params = ckptr.restore(target)
@@ -60,6 +61,24 @@ def load_params(directory: str, sharding: Any = None) -> tuple[Any, dict]:
                               ckptr.metadata(target).item_metadata.tree, sharding)
       params = ckptr.restore(target, abstract)
   return params, meta
+
+
+def save_frozen(workdir: Any, frozen: Any) -> None:
+  """Frozen sub-models (HuBERT, the Q-Former body, the VAE: ~2 GB in paper stage 2) are written once per
+  run, to `workdir/frozen`, not into every checkpoint and `best/` (TrainCheckpointer saves them as None)."""
+  if jax.tree.leaves(frozen):
+    save_params(paths.run_path(workdir) / "frozen", frozen, kind="frozen")
+
+
+def load_frozen(workdir: Any, shardings: Any) -> Any:
+  """`save_frozen`'s tree, restored into `shardings` (a tree of shardings; empty when nothing is frozen)."""
+  if not jax.tree.leaves(shardings):
+    return shardings
+  directory = paths.run_path(workdir) / "frozen"
+  if not (directory / "params").is_dir():
+    raise UserError(f"'{directory}' is missing: the run's frozen sub-models are written there once and its "
+                    f"checkpoints do not hold them; start the run again in a new workdir")
+  return load_params(directory, shardings)[0]
 
 
 def abstract_tree(shapes: Any, shardings: Any) -> Any:
@@ -79,7 +98,7 @@ class TrainCheckpointer:
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
     import orbax.checkpoint as ocp
 
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.run_path(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -115,7 +134,7 @@ class TrainCheckpointer:
       raise UserError(f"no checkpoint to restore in '{self.directory}'")
     items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
     if data_iter is not None:
-      if not os.path.isdir(os.path.join(self.directory, str(step), "data")):
+      if not (self.directory / str(step) / "data").is_dir():
         raise UserError(f"checkpoint step {step} in '{self.directory}' has no data iterator state")
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
@@ -128,7 +147,7 @@ class TrainCheckpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise UserError(f"no checkpoint to restore in '{self.directory}'")
-    state_dir = os.path.join(self.directory, str(step), "state")
+    state_dir = self.directory / str(step) / "state"
     with ocp.PyTreeCheckpointer() as ckptr:
       tree = ckptr.metadata(state_dir).item_metadata.tree
       as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
@@ -139,10 +158,6 @@ class TrainCheckpointer:
   def wait(self) -> None:
     """Block until every pending save is on disk."""
     self._manager.wait_until_finished()
-
-  def reached_preemption(self, step: int) -> bool:
-    """True on every host at the same step once any host got a preemption notice (multi-host)."""
-    return self._manager.reached_preemption(step)
 
   def close(self) -> None:
     self._manager.wait_until_finished()

@@ -5,8 +5,11 @@ Where the process group comes from, first match wins:
   2. the environment `STAR_COORDINATOR`, `STAR_NUM_PROCESSES`, `STAR_PROCESS_ID` (what launch/local.sh sets),
   3. Slurm (`srun`): `SLURM_NTASKS`, `SLURM_PROCID`, `SLURM_LOCALID`, `SLURM_STEP_NODELIST`, `SLURM_JOB_ID`,
   4. a Cloud TPU VM (pods and single hosts): JAX reads the worker list from the TPU metadata itself.
-Anything else is one process, and `initialize` does nothing. See docs/scaling.md ("Multi-host") and
-launch/.
+Anything else is one process, and `initialize` does nothing. See docs/scaling.md ("Multi-host"),
+docs/pod.md and launch/.
+
+A process that dies (SIGKILL, a lost host) is noticed by the others through JAX's coordination service
+within `STAR_HEARTBEAT_TIMEOUT_S` seconds (default 100, JAX's): they exit non-zero naming the lost task.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from star_jax.errors import UserError
 ENV_COORDINATOR = "STAR_COORDINATOR"
 ENV_NUM_PROCESSES = "STAR_NUM_PROCESSES"
 ENV_PROCESS_ID = "STAR_PROCESS_ID"
+ENV_HEARTBEAT_TIMEOUT_S = "STAR_HEARTBEAT_TIMEOUT_S"
 _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NODELIST")
 # TPU chips on a Cloud TPU VM: Google's PCI vendor id with one of these device ids (v3 .. v7x); the
 # same vendor also makes the gVNIC network card of ordinary GPU VMs, hence the device check.
@@ -57,12 +61,14 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     _joined = group
     return group
   ids = list(group.local_device_ids) if group.local_device_ids is not None else None
+  timeout = _int_env(os.environ, ENV_HEARTBEAT_TIMEOUT_S)
+  extra = {} if timeout is None else {"heartbeat_timeout_seconds": timeout}
   try:
     if group.source == "tpu":
-      jax.distributed.initialize(local_device_ids=ids)  # JAX reads the pod's worker list from metadata
+      jax.distributed.initialize(local_device_ids=ids, **extra)  # JAX reads the pod's worker list from metadata
     else:
       jax.distributed.initialize(group.coordinator, group.num_processes, group.process_id,
-                                 local_device_ids=ids, cluster_detection_method="deactivate")
+                                 local_device_ids=ids, cluster_detection_method="deactivate", **extra)
   except RuntimeError as e:
     if "before" in str(e):  # JAX: "must be called before any JAX computations are executed"
       raise UserError("star_jax.distributed.initialize() must run before anything queries JAX devices "
@@ -72,6 +78,23 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     group = dataclasses.replace(group, num_processes=jax.process_count(), process_id=jax.process_index())
   _joined = group
   return group
+
+
+def await_lost_process(error: Exception) -> None:
+  """After a step failed in a multi-process job (a collective with a dead process fails at once): wait for
+  JAX's coordination service, which ends this process with a line naming the lost task once it misses its
+  heartbeats; returns (and the caller re-raises) when no verdict comes, as for an error of this process."""
+  import sys
+  import time
+
+  import jax
+  if jax.process_count() == 1:
+    return
+  wait_s = (_int_env(os.environ, ENV_HEARTBEAT_TIMEOUT_S) or 100) + 15
+  first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  print(f"star-jax: process {jax.process_index()}: a step failed ({first_line}); waiting up to {wait_s} s for "
+        f"the coordination service to name a lost process", file=sys.stderr, flush=True)
+  time.sleep(wait_s)
 
 
 def resolve(coordinator: str | None = None, num_processes: int | None = None,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 from star_jax.errors import UserError
 
@@ -19,8 +18,8 @@ COMPONENTS = ("hubert", "bridge", "dit", "vae")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--from", dest="source", required=True, help="stage-2 train workdir")
-  p.add_argument("--out", required=True, help="bundle directory to write")
+  p.add_argument("--from", dest="source", required=True, help="stage-2 train workdir (a folder or gs:// URL)")
+  p.add_argument("--out", required=True, help="bundle directory to write (a folder or gs:// URL)")
   for name in COMPONENTS:
     p.add_argument(f"--{name}", default=None, help=f"take the {name} params from this workdir/checkpoint")
 
@@ -28,11 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def read_run_config(workdir: str):
   """The config a train run wrote to `workdir/config.json`."""
   import ml_collections
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+
+  from star_jax import paths
+  path = paths.run_path(workdir) / "config.json"
+  if not path.exists():
     raise UserError(f"'{workdir}' has no config.json; is it a `star-jax train` workdir?")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def export_bundle(source: str, out: str, overrides: dict[str, str] | None = None) -> str:

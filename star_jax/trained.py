@@ -8,13 +8,12 @@ Every stage names its sub-trees by component (`hubert`, `bridge`, `classifier`, 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 import numpy as np
 
-from star_jax import checkpoint
+from star_jax import checkpoint, paths
 from star_jax.errors import UserError
 
 
@@ -25,16 +24,16 @@ def load_trained(path: str) -> tuple[dict, str]:
   Train states merge `params` and `frozen`; an EMA of the params, when kept, replaces them.
   """
   path = _resolve(path)
-  if os.path.isdir(os.path.join(path, "params")):
+  if (path / "params").is_dir():
     tree, meta = checkpoint.load_params(path)
     kind = meta.get("kind", "")
     if set(tree) <= {"params", "frozen", "ema"} and "params" in tree:
-      return _merge(tree), kind
+      return _merge(_with_frozen(tree, path.parent)), kind
     return {kind: tree}, kind  # a converted component (star-jax convert KIND)
-  ckpt_dir = os.path.join(path, "checkpoints")
-  if os.path.isdir(ckpt_dir):
+  ckpt_dir = path / "checkpoints"
+  if ckpt_dir.is_dir():
     state, meta = checkpoint.TrainCheckpointer(ckpt_dir).restore_numpy()
-    return _merge(state), meta.get("stage", "")
+    return _merge(_with_frozen(state, path)), meta.get("stage", "")
   raise UserError(f"'{path}' is neither a star-jax train workdir (no checkpoints/ or best/) nor a params "
                   f"checkpoint; give the workdir of the stage that trained it")
 
@@ -43,19 +42,26 @@ def trained_config(path: str) -> dict | None:
   """The config saved with what `load_trained(path)` reads (a params checkpoint's `config`, or the config.json
   a train workdir holds), as a dict; None when there is none."""
   path = _resolve(path)
-  meta_path = os.path.join(path, "config.json")
-  if not os.path.isfile(meta_path):
+  meta_path = path / "config.json"
+  if not meta_path.exists():
     return None
-  with open(meta_path) as f:
-    meta = json.load(f)
-  return meta.get("config") if os.path.isdir(os.path.join(path, "params")) else meta
+  meta = json.loads(meta_path.read_text())
+  return meta.get("config") if (path / "params").is_dir() else meta
 
 
-def _resolve(path: str) -> str:
-  """A workdir with a `best/` -> that `best/`; anything else as given (absolute)."""
-  path = os.path.abspath(path)
-  best = os.path.join(path, "best")
-  return best if os.path.isdir(os.path.join(best, "params")) else path
+def _resolve(path: str):
+  """A workdir with a `best/` -> that `best/`; anything else as given (absolute, or a URL)."""
+  path = paths.run_path(path)
+  best = path / "best"
+  return best if (best / "params").is_dir() else path
+
+
+def _with_frozen(state: dict, workdir) -> dict:
+  """A train state as checkpoints and best/ hold it lacks the frozen sub-models: the run wrote them once to
+  `workdir/frozen` (checkpoint.save_frozen)."""
+  if not state.get("frozen") and (workdir / "frozen" / "params").is_dir():
+    state = {**state, "frozen": checkpoint.load_params(workdir / "frozen")[0]}
+  return state
 
 
 def _merge(state: dict) -> dict:

