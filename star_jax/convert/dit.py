@@ -219,6 +219,56 @@ def _numpy_tree(tree):
   return {k: _numpy_tree(v) if isinstance(v, dict) else np.asarray(v, np.float32) for k, v in tree.items()}
 
 
+# EzAudio UDiT settings that change the math without changing any weight name; star-jax builds these values.
+_EZAUDIO_FIXED = dict(rope_mode="shared", pe_method="none", context_pe_method="none", time_fusion="ada_sola_bias",
+                      context_fusion="cross", qk_norm="layernorm", act_layer="geglu", skip=True, use_conv=True,
+                      patch_size=1)
+# EzAudio `model:` key -> DiTConfig field, for the sizes the yml states and the weights must have.
+_EZAUDIO_SIZES = dict(embed_dim="hidden_size", depth="depth", num_heads="num_heads", mlp_ratio="mlp_ratio",
+                      context_dim="context_dim", ada_sola_rank="lora_rank", out_chans="latent_channels")
+
+
+def read_ezaudio_yaml(path: str) -> tuple[dict, float]:
+  """EzAudio's `ckpts/ezaudio-*.yml` -> (the UDiT's `model:` settings, the latent `scale` of `autoencoder:`).
+
+  EzAudio's DiT sees (z + shift) · scale; star-jax's x0 is z · `flow.latent_scale`, so a nonzero shift is an error.
+  """
+  import yaml
+  try:
+    with open(path) as f:
+      doc = yaml.safe_load(f)
+    model, autoencoder = dict(doc["model"]), dict(doc.get("autoencoder") or {})
+  except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
+    raise UserError(f"{path}: not an EzAudio model yml with a `model:` block ({type(e).__name__}: {e})") from e
+  wrong = {k: (model[k], v) for k, v in _EZAUDIO_FIXED.items() if k in model and model[k] != v}
+  if wrong:
+    raise UserError(f"{path}: " + ", ".join(f"{k}: {a!r}" for k, (a, _) in wrong.items())
+                    + f" is not the UDiT star-jax builds ({', '.join(f'{k}: {v!r}' for k, (_, v) in wrong.items())})")
+  if float(autoencoder.get("shift", 0.0)) != 0.0:
+    raise UserError(f"{path}: autoencoder.shift {autoencoder['shift']} is not supported (flow.latent_scale "
+                    f"scales the latents, it does not shift them)")
+  return model, float(autoencoder.get("scale", 1.0))
+
+
+def from_ezaudio_checkpoint(path: str, yaml_path: str | None = None, **config_overrides
+                            ) -> tuple[DiTConfig, dict, float]:
+  """An EzAudio / STAR DiT checkpoint [+ EzAudio's yml] -> (config, params, latent scale). The yml gives
+  `ada_sola_alpha` and the latent scale (default: alpha = rank, scale 1, EzAudio's) and its sizes are checked
+  against the weights'."""
+  from star_jax.convert.torch_io import load_state_dict
+
+  settings, scale = read_ezaudio_yaml(yaml_path) if yaml_path else ({}, 1.0)
+  alpha = settings.get("ada_sola_alpha")
+  cfg, params = from_ezaudio_state_dict(load_state_dict(path), lora_alpha=None if alpha is None else float(alpha),
+                                        **config_overrides)
+  differ = {k: (getattr(cfg, f), settings[k]) for k, f in _EZAUDIO_SIZES.items()
+            if k in settings and getattr(cfg, f) != settings[k]}
+  if differ:
+    raise UserError(f"{path}: the weights do not have the sizes {yaml_path} gives: "
+                    + ", ".join(f"{k} {a} in the weights, {b} in the yml" for k, (a, b) in differ.items()))
+  return cfg, params, scale
+
+
 def add_cli_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--prefix", default=None,
                  help="module prefix of the UDiT in the checkpoint (default: detected, e.g. 'model.')")
