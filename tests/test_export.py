@@ -124,6 +124,10 @@ def test_released_layouts_generate_what_the_pytorch_pipeline_generates(star, tmp
   ref = star["audio"]
   assert rate == VAE["sampling_rate"] and wav.shape == ref.shape == (25 * 8,)
   assert sf.info(str(out)).subtype == "FLOAT"
+  from star_jax import trained
+  parts, kind = trained.load_trained(str(tmp_path / "bundle"))  # what stage 2's init_dit/init_bridge/init_vae read
+  assert kind == "bundle" and sorted(parts) == ["bridge", "dit", "hubert", "vae"]
+  _assert_same(parts["dit"], params["dit"])
   peak = np.abs(ref).max()
   assert peak > 1e-3
   assert np.abs(wav - ref).max() <= 1e-4 * peak, np.abs(wav - ref).max() / peak
