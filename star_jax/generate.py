@@ -3,6 +3,7 @@
   star-jax generate --ckpt outputs/tiny/bundle --speech query.wav --out sound.wav [--steps 20 --cfg 5
       --sway -1 --seed 0 --seconds 10]
   star-jax generate --ckpt BUNDLE --speech queries/ --out sounds/        # every audio file in a folder
+  star-jax generate --ckpt BUNDLE --speech q.wav --out s.wav --init-noise z1.npy --float   # reproduce a sample
 
 Any sample rate and channel count is accepted (resampled to 16 kHz, mixed down). Unreadable, empty,
 silent or over-long input is an error naming the file (exit code 2).
@@ -36,6 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--seconds", type=float, default=None, help="output length (default: the training clips')")
   p.add_argument("--batch-size", type=int, default=8, help="queries generated together in folder mode")
   p.add_argument("--max-speech-seconds", type=float, default=60.0, help="longer speech input is an error")
+  p.add_argument("--init-noise", default=None,
+                 help="a .npy of the starting latent noise, (frames, channels) for every query or (queries, frames, "
+                      "channels), instead of --seed's; its frames set the length (to reproduce another run's sample)")
+  p.add_argument("--float", action="store_true",
+                 help="write float32 wav: the VAE decoder's output as it is (default: 16-bit PCM, clipped to [-1, 1])")
 
 
 def read_speech(path: str, max_seconds: float = 60.0) -> np.ndarray:
@@ -115,8 +121,9 @@ class Generator:
     return self._tokens(self.params, batch, mask)
 
   def sample(self, tokens, seconds: float, *, steps: int | None = None, cfg_scale: float | None = None,
-             sway: float | None = None, seed: int = 0) -> np.ndarray:
-    """Bridge tokens (B, Q, D) -> waveforms (B, round(seconds * rate)) at the VAE rate, float32."""
+             sway: float | None = None, seed: int = 0, noise: np.ndarray | None = None) -> np.ndarray:
+    """Bridge tokens (B, Q, D) -> waveforms (B, round(seconds * rate)) at the VAE rate, float32. The Euler start is
+    `noise` (B, L, C) when given (L = the frames `seconds` needs), else N(0, I) from `seed`."""
     import jax
 
     from star_jax import flow
@@ -124,7 +131,11 @@ class Generator:
     f = self.cfg.flow
     num_samples = int(round(seconds * self.sample_rate_hz))
     frames = math.ceil(num_samples / self.hop)
-    noise = jax.random.normal(jax.random.PRNGKey(seed), (tokens.shape[0], frames, int(self.cfg.vae.latent_channels)))
+    shape = (tokens.shape[0], frames, int(self.cfg.vae.latent_channels))
+    if noise is None:
+      noise = jax.random.normal(jax.random.PRNGKey(seed), shape)
+    elif tuple(noise.shape) != shape:
+      raise UserError(f"initial noise of shape {tuple(noise.shape)}; {seconds:g} s for {shape[0]} queries needs {shape}")
     latents = flow.sample(self.dit.apply, {"params": self.params["dit"]}, noise, tokens,
                           num_steps=int(steps or f.num_steps),
                           cfg_scale=float(f.cfg_scale if cfg_scale is None else cfg_scale),
@@ -146,12 +157,15 @@ class Generator:
     return self.sample(self.tokens(speech), seconds, **kw)
 
 
-def write_wav(path: str, wav: np.ndarray, rate_hz: int) -> None:
-  """16-bit PCM; samples beyond [-1, 1] are clipped (with a warning)."""
+def write_wav(path: str, wav: np.ndarray, rate_hz: int, as_float: bool = False) -> None:
+  """16-bit PCM, samples beyond [-1, 1] clipped (with a warning); or `as_float`: float32, as they are."""
   import soundfile as sf
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  if as_float:
+    sf.write(path, np.asarray(wav, np.float32), rate_hz, subtype="FLOAT")
+    return
   if np.max(np.abs(wav)) > 1.0:
     log.warning("%s: clipping samples beyond [-1, 1] (peak %.2f)", path, float(np.max(np.abs(wav))))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   sf.write(path, np.clip(wav, -1.0, 1.0), rate_hz, subtype="PCM_16")
 
 
@@ -169,21 +183,42 @@ def _inputs(speech: str, out: str) -> list[tuple[str, str]]:
   return [(os.path.join(speech, f), os.path.join(out, os.path.splitext(f)[0] + ".wav")) for f in files]
 
 
+def read_init_noise(path: str, num_queries: int, channels: int) -> np.ndarray:
+  """--init-noise: a .npy of (frames, channels), used for every query, or (queries, frames, channels) -> (N, L, C)."""
+  try:
+    noise = np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path}: not a readable .npy array ({e})") from e
+  if noise.ndim == 2:
+    noise = np.broadcast_to(noise, (num_queries,) + noise.shape)
+  if noise.ndim != 3 or noise.shape[0] != num_queries or noise.shape[2] != channels:
+    raise UserError(f"{path}: noise of shape {noise.shape}; expected (frames, {channels}) or ({num_queries}, frames, "
+                    f"{channels}) for {num_queries} queries and a VAE of {channels} latent channels")
+  return np.asarray(noise, np.float32)
+
+
 def run(args: argparse.Namespace) -> int:
   from tqdm.auto import tqdm
 
   pairs = _inputs(args.speech, args.out)
   speech = [read_speech(p, args.max_speech_seconds) for p, _ in pairs]  # all inputs checked before any work
   gen = Generator(args.ckpt)
-  seconds = float(args.seconds or gen.cfg.data.audio_duration_s)
+  noise = None
+  if args.init_noise:
+    noise = read_init_noise(args.init_noise, len(pairs), int(gen.cfg.vae.latent_channels))
+    frames_s = noise.shape[1] * gen.hop / gen.sample_rate_hz
+    if args.seconds and math.ceil(args.seconds * gen.sample_rate_hz / gen.hop) != noise.shape[1]:
+      raise UserError(f"--seconds {args.seconds:g} needs {math.ceil(args.seconds * gen.sample_rate_hz / gen.hop)} "
+                      f"latent frames; {args.init_noise} has {noise.shape[1]} ({frames_s:g} s)")
+  seconds = float(args.seconds or (frames_s if noise is not None else gen.cfg.data.audio_duration_s))
   if not 0 < seconds <= 600:
     raise UserError(f"--seconds {seconds:g}: choose a length between 0 and 600 s")
   bs = max(1, int(args.batch_size))
   for i in tqdm(range(0, len(pairs), bs), desc="generate", unit="batch", disable=len(pairs) <= bs,
                 file=sys.stderr):
     wavs = gen(speech[i:i + bs], seconds, steps=args.steps, cfg_scale=args.cfg, sway=args.sway,
-               seed=args.seed + i)
+               seed=args.seed + i, noise=None if noise is None else noise[i:i + bs])
     for (_, out), wav in zip(pairs[i:i + bs], wavs):
-      write_wav(out, wav, gen.sample_rate_hz)
+      write_wav(out, wav, gen.sample_rate_hz, as_float=args.float)
       print(f"star-jax generate: wrote {out} ({seconds:g} s at {gen.sample_rate_hz} Hz)")
   return 0

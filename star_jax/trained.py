@@ -18,8 +18,8 @@ from star_jax.errors import UserError
 
 
 def load_trained(path: str) -> tuple[dict, str]:
-  """A train workdir (its `best/` if any, else its latest checkpoint), a stage's `best/` folder, or a
-  converted params checkpoint -> ({component: numpy tree}, kind).
+  """A train workdir (its `best/` if any, else its latest checkpoint), a stage's `best/` folder, an inference
+  bundle or a converted params checkpoint -> ({component: numpy tree}, kind).
 
   Train states merge `params` and `frozen`; an EMA of the params, when kept, replaces them.
   """
@@ -29,6 +29,8 @@ def load_trained(path: str) -> tuple[dict, str]:
     kind = meta.get("kind", "")
     if set(tree) <= {"params", "frozen", "ema"} and "params" in tree:
       return _merge(_with_frozen(tree, path.parent)), kind
+    if kind == "bundle":  # star-jax export: hubert, bridge, dit and vae by name
+      return dict(tree), kind
     return {kind: tree}, kind  # a converted component (star-jax convert KIND)
   ckpt_dir = path / "checkpoints"
   if ckpt_dir.is_dir():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from star_jax import sharding
-from star_jax.convert.dit import from_ezaudio_state_dict
+from star_jax.convert.dit import from_ezaudio_state_dict, to_ezaudio_state_dict
 from star_jax.errors import UserError
 from star_jax.models.dit import DiT, DiTConfig, rope, sinusoidal_positions, timestep_embedding
 
@@ -210,40 +210,6 @@ def test_sharded_equals_unsharded(mesh222, rules):
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
 
 
-def to_ezaudio_state_dict(params, prefix="model."):
-  """Our params in EzAudio's MaskDiT/UDiT names and torch layouts (the converter's inverse)."""
-  p = jax.tree.map(np.asarray, params)
-  sd = {}
-  lin = lambda n, q: sd.update({f"{prefix}{n}.weight": q["kernel"].T, **({f"{prefix}{n}.bias": q["bias"]} if "bias" in q else {})})
-  nrm = lambda n, q: sd.update({f"{prefix}{n}.weight": q["scale"], f"{prefix}{n}.bias": q["bias"]})
-  sd[prefix + "patch_embed.proj.weight"] = p["patch_embed"]["kernel"].T[:, :, None]
-  sd[prefix + "patch_embed.proj.bias"] = p["patch_embed"]["bias"]
-  lin("time_embed.mlp.0", p["time_embed_1"]); lin("time_embed.mlp.2", p["time_embed_2"])
-  lin("time_ada", p["time_ada"]); lin("time_ada_final", p["time_ada_final"])
-  lin("context_embed.0", p["context_embed_1"]); lin("context_embed.2", p["context_embed_2"])
-  nrm("final_block.norm", p["final_norm"]); lin("final_block.linear", p["final_linear"])
-  sd[prefix + "final_block.final_layer.weight"] = p["final_conv"]["kernel"].transpose(2, 1, 0)
-  sd[prefix + "final_block.final_layer.bias"] = p["final_conv"]["bias"]
-  for ours, theirs in [(k, k.replace("_blocks_", "_blocks.")) for k in p if "block" in k]:
-    q = p[ours]
-    for n in ("norm1", "norm2", "norm3", "norm_context", "skip_norm"):
-      if n in q:
-        nrm(f"{theirs}.{n}", q[n])
-    for a in ("attn", "cross_attn"):
-      for n in ("to_q", "to_k", "to_v", "proj"):
-        lin(f"{theirs}.{a}.{n}", q[a][n])
-      nrm(f"{theirs}.{a}.norm_q", q[a]["norm_q"]); nrm(f"{theirs}.{a}.norm_k", q[a]["norm_k"])
-    m = q["mlp"]
-    sd[f"{prefix}{theirs}.mlp.net.0.proj.weight"] = np.concatenate([m["proj_value"]["kernel"].T, m["proj_gate"]["kernel"].T])
-    sd[f"{prefix}{theirs}.mlp.net.0.proj.bias"] = np.concatenate([m["proj_value"]["bias"], m["proj_gate"]["bias"]])
-    lin(f"{theirs}.mlp.net.2", m["proj_out"])
-    lin(f"{theirs}.adaln.lora_a", q["adaln"]["lora_a"]); lin(f"{theirs}.adaln.lora_b", q["adaln"]["lora_b"])
-    sd[f"{prefix}{theirs}.adaln.scale_shift_table"] = q["adaln"]["scale_shift_table"]
-    if "skip_linear" in q:
-      lin(f"{theirs}.skip_linear", q["skip_linear"])
-  return sd
-
-
 def test_converter_folds_maskdit_input_exactly():
   p = _perturbed(_init())
   sd = to_ezaudio_state_dict(p)
@@ -313,6 +279,40 @@ def test_pytorch_reference_of_the_bench_computes_the_same_function():
   with torch.inference_mode():
     ref = model(*(torch.from_numpy(np.asarray(a)) for a in (x, t, ctx))).numpy()
   np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+
+
+def test_real_ezaudio_state_dict_with_its_buffers_converts_to_the_same_function(tmp_path):
+  """EzAudio's MaskDiT (bench/torch_udit.py, EzAudio's module names) saved as its released `.pt` files are,
+  {"model": state_dict()} with the 257-channel input, `mask_embed` and the rotary `inv_freq` buffers: the
+  converter checks and drops the buffers, folds the input, and computes what the PyTorch model computes."""
+  torch = pytest.importorskip("torch")
+  from bench.torch_udit import MaskDiT
+  from star_jax.convert.torch_io import load_state_dict
+
+  torch.manual_seed(0)
+  cfg = dataclasses.replace(CFG, depth=4, lora_alpha=float(CFG.lora_rank))
+  model = MaskDiT(**dataclasses.asdict(cfg)).eval()
+  with torch.no_grad():
+    for q in model.parameters():
+      q.add_(0.2 * torch.randn_like(q))
+  sd = model.state_dict()
+  assert sum(k.endswith("attn.rotary.inv_freq") for k in sd) == cfg.depth + 1
+  torch.save({"model": sd}, tmp_path / "ezaudio.pt")
+  got_cfg, params = from_ezaudio_state_dict(load_state_dict(str(tmp_path / "ezaudio.pt")))
+  assert got_cfg == cfg
+  x, t, ctx = _inputs()
+  with torch.inference_mode():
+    ref = model(*(torch.from_numpy(np.asarray(a)) for a in (x, t, ctx))).numpy()
+  ours = np.asarray(_apply(params, x, t, ctx, cfg=cfg))
+  np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+
+  numpy_sd = {k: v.numpy() for k, v in sd.items()}
+  bad = dict(numpy_sd, **{"model.mid_block.attn.rotary.inv_freq": 2 * numpy_sd["model.mid_block.attn.rotary.inv_freq"]})
+  with pytest.raises(UserError, match=r"'model\.mid_block\.attn\.rotary\.inv_freq'"):
+    from_ezaudio_state_dict(bad)
+  unknown = dict(numpy_sd, **{"model.mid_block.attn.rotary.scale": np.ones(2, np.float32)})
+  with pytest.raises(UserError, match=r"unrecognised.*model\.mid_block\.attn\.rotary\.scale"):
+    from_ezaudio_state_dict(unknown)
 
 
 def test_pooled_context_is_ezaudio_cls_embed_of_the_masked_context_mean():

@@ -139,3 +139,37 @@ def test_mlp_bridge_bundle_generates(tmp_path):
   assert tokens.shape == (2, 1, cfg.mlp_bridge.hidden_size) and np.abs(tokens).max() > 0
   wav = gen.sample(tokens, 0.5, steps=2)
   assert wav.shape == (2, RATE // 2) and np.all(np.isfinite(wav))
+
+
+def test_init_noise_fixes_the_sample_and_its_length_and_float_writes_it_unclipped(bundle, tmp_path, capsys):
+  """--init-noise replaces --seed's noise (a (batch, frames, C) file gives each query its own), its frames set the
+  length; --float writes the decoder's float32 output; a wrong shape or --seconds is a one-line error."""
+  from star_jax.generate import Generator
+
+  queries = tmp_path / "queries"
+  queries.mkdir()
+  for i in range(2):
+    _speech(queries / f"q{i}.wav", seconds=0.5 + 0.25 * i)
+  gen = Generator(bundle)
+  channels = int(gen.cfg.vae.latent_channels)
+  noise = np.random.default_rng(0).standard_normal((2, 6, channels)).astype(np.float32)
+  np.save(tmp_path / "noise.npy", noise)
+  outs = {}
+  for seed in (0, 5):
+    out = tmp_path / f"out{seed}"
+    assert main(["generate", "--ckpt", bundle, "--speech", str(queries), "--out", str(out), "--seed", str(seed),
+                 "--init-noise", str(tmp_path / "noise.npy"), "--float", "--steps", "2"]) == 0
+    outs[seed] = [sf.read(str(out / f"q{i}.wav"), dtype="float32")[0] for i in range(2)]
+  assert sf.info(str(tmp_path / "out0" / "q0.wav")).subtype == "FLOAT"
+  assert all(w.shape == (6 * gen.hop,) for w in outs[0])
+  np.testing.assert_array_equal(outs[0][0], outs[5][0])  # the noise file, not the seed, decides
+  tokens = np.asarray(gen.tokens([sf.read(str(queries / "q1.wav"), dtype="float32")[0]]))
+  want = gen.sample(tokens, 6 * gen.hop / gen.sample_rate_hz, steps=2, noise=noise[1:])[0]
+  np.testing.assert_allclose(outs[0][1], want, atol=1e-6)  # the second query gets the second noise
+  capsys.readouterr()
+  np.save(tmp_path / "bad.npy", noise[:, :, :-1])
+  for extra in (["--init-noise", str(tmp_path / "bad.npy")],
+                ["--init-noise", str(tmp_path / "noise.npy"), "--seconds", "1.0"]):
+    assert main(["generate", "--ckpt", bundle, "--speech", str(queries), "--out", str(tmp_path / "o"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and ("bad.npy" in err or "noise.npy" in err)

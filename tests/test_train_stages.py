@@ -118,3 +118,33 @@ def test_stage1_reads_cached_hubert_frames_only_when_hubert_is_frozen(train_hube
   else:
     assert loss(cached) != loss(batch)
 
+
+
+def test_mlp_bridge_trains_in_stage1_and_stage2_and_generates(tmp_path, mesh1):
+  """bridge.kind=mlp (STAR Table 2's other bridge): stage 1 trains it, its BatchNorm running statistics written by
+  the step (not by the optimizer); stage 2 starts from that workdir with the MLP frozen; the export generates."""
+  from star_jax import trained
+  from star_jax.export import export_bundle
+  from star_jax.generate import Generator
+
+  mlp = ["bridge.kind=mlp", "dit.context_slots=0"]
+  cfg1 = _cfg("stage1", "stage1.max_epochs=3", *mlp)
+  data = RandomRecords(cfg1, n=8)
+  stage = build_stage(cfg1, "stage1", data)
+  init = stage.init(jax.random.PRNGKey(cfg1.seed))
+  res = loop.train(cfg1, stage, str(tmp_path / "s1"), data, mesh=mesh1, progress=False)
+  assert res.step == 3 and all(np.isfinite(r["loss"]) for r in read_metrics(str(tmp_path / "s1")))
+  parts, _ = trained.load_trained(str(tmp_path / "s1"))
+  assert sorted(parts["bridge"]) == ["batch_stats", "params"]
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                       parts["bridge"]["batch_stats"], init["frozen"]["bridge"]["batch_stats"])
+  assert min(jax.tree.leaves(moved)) > 0  # every running mean and variance left its init
+
+  cfg2 = _cfg("stage2", *mlp, f"stage2.init_bridge={tmp_path / 's1'}")
+  res = loop.train(cfg2, build_stage(cfg2, "stage2", data), str(tmp_path / "s2"), data, mesh=mesh1, progress=False)
+  assert res.step == 3
+  s2, _ = trained.load_trained(str(tmp_path / "s2"))
+  jax.tree.map(np.testing.assert_array_equal, s2["bridge"], parts["bridge"])  # frozen whole in stage 2
+  gen = Generator(export_bundle(str(tmp_path / "s2"), str(tmp_path / "bundle")))
+  wav = gen([np.random.default_rng(0).uniform(-0.3, 0.3, 8000).astype(np.float32)], 0.32, steps=2)
+  assert wav.shape == (1, int(0.32 * gen.sample_rate_hz)) and np.all(np.isfinite(wav))

@@ -149,25 +149,34 @@ def classifier_from_star_state_dict(state_dict: Mapping[str, Any]) -> tuple[int,
   return kernel.shape[1], {"projection": {"kernel": kernel, "bias": _np(state_dict[key.removesuffix("weight") + "bias"])}}
 
 
-def from_hf_dir(directory: str, **config_overrides) -> tuple[QFormerConfig, dict]:
-  """A local transformers Blip2 directory (`qformer.*`, `query_tokens`) -> (QFormerConfig, params)."""
+def from_hf_dir(directory: str, extra: Mapping[str, Any] | None = None, **config_overrides
+                ) -> tuple[QFormerConfig, dict]:
+  """A local transformers directory -> (QFormerConfig, params): a Blip2Model (`qformer.*`, `query_tokens`), or a
+  Blip2QFormerModel (no prefix) whose `query_tokens` (1, Q, H) and optional output `projection.{weight,bias}`
+  (H -> D; `hiddin_projection.*` in STAR's spelling) come in `extra`, a state dict."""
   from star_jax.convert.torch_io import load_state_dict
 
-  with open(os.path.join(directory, "config.json")) as f:
+  config_path = os.path.join(directory, "config.json")
+  if not os.path.isfile(config_path):
+    raise UserError(f"qformer: '{directory}' has no config.json; pass a transformers Blip2 directory")
+  with open(config_path) as f:
     hf = json.load(f)
   hf = hf.get("qformer_config", hf)
   path = next((os.path.join(directory, n) for n in ("model.safetensors", "pytorch_model.bin")
                if os.path.isfile(os.path.join(directory, n))), None)
   if path is None:
     raise UserError(f"qformer: '{directory}' has neither model.safetensors nor pytorch_model.bin")
-  raw = load_state_dict(path)
-  sd = {k.removeprefix("qformer."): v for k, v in raw.items() if k.startswith("qformer.")}
+  raw = dict(load_state_dict(path), **(extra or {}))
+  sd = {k.removeprefix("qformer."): v for k, v in raw.items() if k.startswith("qformer.")} or raw
   if "query_tokens" not in raw:
-    raise UserError(f"qformer: '{path}' has no `query_tokens`; pass a Blip2Model checkpoint")
+    raise UserError(f"qformer: neither '{path}' nor the extra state dict holds `query_tokens` (1, Q, H); a "
+                    f"Blip2QFormerModel directory needs them beside it")
+  proj = next(({"kernel": _np(raw[n + ".weight"]).T, "bias": _np(raw[n + ".bias"])}
+               for n in ("projection", "hiddin_projection") if n + ".weight" in raw), None)
   overrides = dict(num_heads=hf.get("num_attention_heads", 12), layer_norm_eps=hf.get("layer_norm_eps", 1e-12))
   overrides.update(config_overrides)
-  config = _infer_config(sd, raw["query_tokens"], None, **overrides)
-  return config, _params(sd, raw["query_tokens"], None, config)
+  config = _infer_config(sd, _np(raw["query_tokens"]), proj, **overrides)
+  return config, _params(sd, _np(raw["query_tokens"]), proj, config)
 
 
 def add_cli_arguments(p: argparse.ArgumentParser) -> None:

@@ -24,6 +24,7 @@ stable-audio-tools names (an `autoencoder.` prefix is stripped), for n blocks, i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -195,6 +196,64 @@ def from_stable_audio_state_dict(state_dict: Mapping[str, Any], sample_rate_hz: 
   return _infer_config(params, n, sample_rate_hz), params
 
 
+def read_stable_audio_config(path: str) -> dict:
+  """A stable-audio-tools autoencoder `config.json` (EzAudio's `ckpts/vae/config.json`) -> the VAEConfig fields it
+  fixes; a layout star-jax does not build (no Oobleck, no `vae` bottleneck, a final tanh) is an error."""
+  try:
+    with open(path) as f:
+      j = json.load(f)
+    model = j["model"]
+    enc, dec = model["encoder"], model["decoder"]
+    bottleneck = model.get("bottleneck", {}).get("type")
+    fields = dict(sample_rate_hz=int(j["sample_rate"]), audio_channels=int(enc["config"]["in_channels"]),
+                  encoder_hidden_size=int(enc["config"]["channels"]), decoder_channels=int(dec["config"]["channels"]),
+                  channel_multiples=tuple(enc["config"]["c_mults"]), downsampling_ratios=tuple(enc["config"]["strides"]),
+                  latent_channels=int(dec["config"]["latent_dim"]))
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise UserError(f"{path}: not a stable-audio-tools autoencoder config ({type(e).__name__}: {e})") from e
+  unsupported = [what for what, bad in (
+      ("encoder/decoder type other than oobleck", enc.get("type") != "oobleck" or dec.get("type") != "oobleck"),
+      (f"bottleneck '{bottleneck}' (star-jax builds 'vae')", bottleneck != "vae"),
+      ("final_tanh", dec["config"].get("final_tanh", False)),
+      ("use_snake false", not enc["config"].get("use_snake", True) or not dec["config"].get("use_snake", True)),
+      ("decoder sizes that do not mirror the encoder",
+       (dec["config"].get("c_mults"), dec["config"].get("strides")) != (enc["config"]["c_mults"],
+                                                                        enc["config"]["strides"])))
+      if bad]
+  if unsupported:
+    raise UserError(f"{path}: {'; '.join(unsupported)}: not the Oobleck VAE star-jax builds")
+  posterior = int(enc["config"]["latent_dim"]) // 2
+  fields["posterior_channels"] = 0 if posterior == fields["latent_channels"] else posterior
+  return fields
+
+
+def from_stable_audio_checkpoint(path: str, config_path: str | None = None) -> tuple[VAEConfig, dict]:
+  """A stable-audio-tools / EzAudio VAE checkpoint (`1m.pt`) [+ its `config.json`] -> (VAEConfig, params); the
+  sizes in the config must be those of the weights. Without a config the rate is EzAudio's 24 kHz."""
+  from star_jax.convert.torch_io import load_state_dict
+
+  want = read_stable_audio_config(config_path) if config_path else {}
+  cfg, params = from_stable_audio_state_dict(load_state_dict(path), want.get("sample_rate_hz", 24000))
+  got = dataclasses.asdict(cfg)
+  differ = {k: (got[k], v) for k, v in want.items() if got[k] != v}
+  if differ:
+    raise UserError(f"{path}: the weights do not have the sizes {config_path} gives: "
+                    + ", ".join(f"{k} {a} in the weights, {b} in the config" for k, (a, b) in differ.items()))
+  return cfg, params
+
+
+def from_diffusers_dir(directory: str) -> tuple[VAEConfig, dict]:
+  """A diffusers AutoencoderOobleck directory (or a pipeline directory with vae/) -> (VAEConfig, params)."""
+  if os.path.isfile(os.path.join(directory, "vae", "config.json")):
+    directory = os.path.join(directory, "vae")
+  config_path = os.path.join(directory, "config.json")
+  if not os.path.isfile(config_path) or json.load(open(config_path)).get("_class_name") != "AutoencoderOobleck":
+    raise UserError(f"'{directory}' is not a diffusers AutoencoderOobleck directory (config.json with "
+                    f"_class_name AutoencoderOobleck, directly or under vae/)")
+  from diffusers import AutoencoderOobleck
+  return from_torch(AutoencoderOobleck.from_pretrained(directory))
+
+
 def add_cli_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--sample-rate", type=int, default=24000,
                  help="sample rate (Hz) of a checkpoint file; a diffusers directory carries its own")
@@ -202,15 +261,7 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
 
 def convert_cli(args: argparse.Namespace) -> tuple[VAEConfig, dict]:
   """--from: a diffusers AutoencoderOobleck directory (or a pipeline with vae/), or a .ckpt/.safetensors file."""
-  source = args.source
-  if os.path.isdir(source):
-    if os.path.isfile(os.path.join(source, "vae", "config.json")):
-      source = os.path.join(source, "vae")
-    config_path = os.path.join(source, "config.json")
-    if not os.path.isfile(config_path) or json.load(open(config_path)).get("_class_name") != "AutoencoderOobleck":
-      raise UserError(f"'{args.source}' is not a diffusers AutoencoderOobleck directory (config.json with "
-                      f"_class_name AutoencoderOobleck, directly or under vae/)")
-    from diffusers import AutoencoderOobleck
-    return from_torch(AutoencoderOobleck.from_pretrained(source))
+  if os.path.isdir(args.source):
+    return from_diffusers_dir(args.source)
   from star_jax.convert.torch_io import load_state_dict
-  return from_stable_audio_state_dict(load_state_dict(source), sample_rate_hz=args.sample_rate)
+  return from_stable_audio_state_dict(load_state_dict(args.source), sample_rate_hz=args.sample_rate)

@@ -114,6 +114,8 @@ def init_worker(settings: dict[str, Any]) -> None:
   _STATE.update(settings)
   _STATE["tts"] = make_tts(settings["tts"], model_dir=settings["tts_model"],
                            sample_rate_hz=settings["speech_rate_hz"], **settings["tts_kwargs"])
+  if settings.get("text_encoder"):
+    _STATE["t5"] = text_lib.T5Features(settings["text_encoder"])
 
 
 def _speak_one(caption: str, seed: int):
@@ -159,7 +161,9 @@ def _finish(good: list[tuple], skipped: list[dict[str, str]], notes: list[dict[s
   except Exception:  # noqa: BLE001 - find the caption that broke the batch, keep the rest
     speech = [_speak_one(g[0]["caption"], seed + i) for i, g in enumerate(good)]
   records = []
-  for (item, wave, label_ids, rel), utt in zip(good, speech):
+  t5 = s.get("t5")
+  text = t5([g[0]["caption"] for g in good]) if t5 is not None else [None] * len(good)
+  for (item, wave, label_ids, rel), utt, text_emb in zip(good, speech, text):
     if isinstance(utt, str):
       skipped.append(dict(id=item["id"], reason=utt))
       continue
@@ -170,7 +174,9 @@ def _finish(good: list[tuple], skipped: list[dict[str, str]], notes: list[dict[s
     labels[label_ids] = 1
     record = dict(id=item["id"], caption=item["caption"], speech=utt.wave, audio=wave, labels=labels,
                   voice=utt.voice, sources=rel)
-    if s["text_dim"]:
+    if text_emb is not None:
+      record["text_emb"] = text_emb
+    elif s["text_dim"]:
       record["text_emb"] = text_lib.hash_embed(item["caption"], s["text_dim"])
     records.append(record)
   return records, skipped, notes

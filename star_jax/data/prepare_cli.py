@@ -75,7 +75,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   a.add_argument("--audio-rate-hz", type=_positive(int), default=24000, help="rate the audio is stored at (the VAE's)")
   a.add_argument("--max-duration-s", type=_positive(float), default=10.0, help="longer clips are cut")
   a.add_argument("--min-duration-s", type=_positive(float), default=1.0, help="shorter clips are skipped")
-  a.add_argument("--text-dim", type=_natural, default=64, help="width of the hashed caption embedding (0: none)")
+  a.add_argument("--text-dim", type=_natural, default=64,
+                 help="width of the hashed bag-of-words caption embedding, the offline fallback (0: none)")
+  a.add_argument("--text-encoder", default=None,
+                 help="local FLAN-T5 directory (e.g. google/flan-t5-large): store each caption's encoder states "
+                      "(up to 100 tokens) as text_emb instead of the hashed fallback")
   a.add_argument("--shard-size", type=_positive(int), default=256, help="items per shard")
   a.add_argument("--workers", type=_positive(int), default=_workers_default(), help="parallel processes")
   a.add_argument("--seed", type=int, default=0, help="TTS seed (voice choice, VITS noise)")
@@ -210,9 +214,16 @@ def run_audiocaps(args: argparse.Namespace) -> int:
     raise UserError(f"--min-duration-s {args.min_duration_s} is above --max-duration-s {args.max_duration_s}")
   _check_out(args.out)
   names, mids, labels = audiocaps.read_audioset(args.audioset_segments, args.audioset_classes)
+  text_dim = args.text_dim
+  if args.text_encoder:  # the stored width is the encoder's
+    config = os.path.join(args.text_encoder, "config.json")
+    if not os.path.isfile(config):
+      raise UserError(f"--text-encoder {args.text_encoder}: no config.json; pass a local T5 / FLAN-T5 directory")
+    with open(config) as f:
+      text_dim = int(json.load(f)["d_model"])
   builder = _builder(args.out, "audiocaps", dict(
       source="audiocaps", label_names=names, label_mids=mids, speech_sample_rate_hz=SPEECH_RATE_HZ,
-      audio_sample_rate_hz=args.audio_rate_hz, text_dim=args.text_dim))
+      audio_sample_rate_hz=args.audio_rate_hz, text_dim=text_dim))
   tts_kwargs = {}
   if args.tts == "vits":
     tts_kwargs = dict(noise_scale=args.noise_scale, noise_scale_duration=args.noise_scale_duration,
@@ -222,15 +233,15 @@ def run_audiocaps(args: argparse.Namespace) -> int:
                   audio_dir=os.path.abspath(args.audio_dir), audio_patterns=args.audio_pattern,
                   tts=args.tts, tts_model=args.tts_model, tts_kwargs=tts_kwargs, all_captions=args.all_captions,
                   audio_rate_hz=args.audio_rate_hz, max_duration_s=args.max_duration_s,
-                  min_duration_s=args.min_duration_s, text_dim=args.text_dim, shard_size=args.shard_size,
-                  seed=args.seed)
+                  min_duration_s=args.min_duration_s, text_dim=text_dim, shard_size=args.shard_size,
+                  seed=args.seed, text_encoder=os.path.abspath(args.text_encoder) if args.text_encoder else None)
   _check_settings(args.out, split, settings)
   worker = dict(settings, audio_dir=os.path.abspath(args.audio_dir), speech_rate_hz=SPEECH_RATE_HZ,
                 patterns=args.audio_pattern or audiocaps.DEFAULT_PATTERNS, num_labels=len(names),
                 labels={k: v for k, v in labels.items() if k in wanted})
   summary = shards.write_split(
       builder.data_dir, builder.name, split, shards.chunk(items, args.shard_size), audiocaps.build_records,
-      speech_rate=SPEECH_RATE_HZ, audio_rate=args.audio_rate_hz, text_dim=args.text_dim, workers=args.workers,
+      speech_rate=SPEECH_RATE_HZ, audio_rate=args.audio_rate_hz, text_dim=text_dim, workers=args.workers,
       init=audiocaps.init_worker, init_args=(worker,), progress=not args.no_progress)
   builders.finish(builder)
   reasons: dict[str, int] = {}

@@ -156,9 +156,7 @@ def speech_features(cfg, hubert_params, batch: dict, use_cache: bool = True) -> 
   A stage that trains HuBERT passes use_cache=False: cached frames come from some other HuBERT, and reading
   them would train the bridge on them while HuBERT itself never learns.
   """
-  if use_cache and "hubert" in batch:
-    return batch["hubert"], batch["hubert_mask"]
-  return hubert(cfg).apply({"params": hubert_params}, batch["speech"], batch["speech_mask"])
+  return _frames(cfg, None, {"hubert": hubert_params}, batch, use_cache)
 
 
 def apply_bridge(cfg, bridge_module, bridge_params: Any, feats_btd: jax.Array, mask_bt: jax.Array,
@@ -172,6 +170,13 @@ def apply_bridge(cfg, bridge_module, bridge_params: Any, feats_btd: jax.Array, m
   return bridge_module.apply(variables, feats_btd, mask_bt, deterministic=rng is None, rngs=rngs)
 
 
+def _frames(cfg, hubert_module, params: dict, batch: dict, use_cache: bool) -> tuple[jax.Array, jax.Array]:
+  if use_cache and "hubert" in batch:
+    return batch["hubert"], batch["hubert_mask"]
+  hubert_module = hubert_module or hubert(cfg)
+  return hubert_module.apply({"params": params["hubert"]}, batch["speech"], batch["speech_mask"])
+
+
 def speech_tokens(cfg, params: dict, batch: dict, *, use_cache: bool = True, rng: jax.Array | None = None,
                   modules: tuple | None = None) -> jax.Array:
   """Speech (`speech`, `speech_mask`) or cached HuBERT frames (`hubert`, `hubert_mask`) -> bridge tokens (B, Q, D).
@@ -179,12 +184,21 @@ def speech_tokens(cfg, params: dict, batch: dict, *, use_cache: bool = True, rng
   `params` holds the `hubert` and `bridge` components; `modules` = (hubert, bridge) reuses built modules.
   """
   hubert_module, bridge_module = modules or (None, bridge(cfg))
-  if use_cache and "hubert" in batch:
-    feats, mask = batch["hubert"], batch["hubert_mask"]
-  else:
-    hubert_module = hubert_module or hubert(cfg)
-    feats, mask = hubert_module.apply({"params": params["hubert"]}, batch["speech"], batch["speech_mask"])
+  feats, mask = _frames(cfg, hubert_module, params, batch, use_cache)
   return apply_bridge(cfg, bridge_module, params["bridge"], feats, mask, rng)
+
+
+def speech_tokens_training(cfg, params: dict, batch: dict, rng: jax.Array, *, use_cache: bool = True,
+                           modules: tuple | None = None) -> tuple[jax.Array, dict]:
+  """`speech_tokens` for a step that trains the bridge: dropout from `rng`, and the MLP's BatchNorm on the batch's
+  statistics -> (tokens, the bridge's updated variables: {'batch_stats': ...} for the MLP, {} for the Q-Former)."""
+  hubert_module, bridge_module = modules or (None, bridge(cfg))
+  feats, mask = _frames(cfg, hubert_module, params, batch, use_cache)
+  if cfg.bridge.kind != "mlp":
+    return apply_bridge(cfg, bridge_module, params["bridge"], feats, mask, rng), {}
+  tokens, updated = bridge_module.apply(dict(params["bridge"]), feats, mask, deterministic=False,
+                                        rngs={"dropout": rng}, mutable=["batch_stats"])
+  return tokens, {"batch_stats": updated["batch_stats"]}
 
 
 def audio_latents(cfg, vae_params, batch: dict, rng: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -10,10 +10,10 @@ import numpy as np
 import optax
 
 from star_jax import sharding, trained
-from star_jax.errors import UserError
 from star_jax.metrics.scores import mean_average_precision
 from star_jax.models import build as build_lib
 from star_jax.train.stage import Stage
+from star_jax.train.state import FROZEN_UPDATES
 
 
 def _modules(cfg, num_classes: int):
@@ -44,9 +44,6 @@ def classify(cfg, parts: dict, speech_nt: np.ndarray, mask_nt: np.ndarray, num_c
 
 def build(cfg, data=None) -> Stage:
   hp = cfg.stage1
-  if cfg.bridge.kind != "qformer":
-    raise UserError(f"stage1: bridge.kind '{cfg.bridge.kind}' keeps BatchNorm statistics the train state does "
-                    f"not carry; stage 1 trains bridge.kind=qformer (stage 2 and generate take a trained MLP bridge)")
   hubert, bridge, head = _modules(cfg, build_lib.num_classes(cfg, data))
   train_hubert = bool(hp.train_hubert)
 
@@ -56,19 +53,27 @@ def build(cfg, data=None) -> Stage:
     params = {"bridge": build_lib.init_bridge(cfg, bridge, r_bridge),
               "classifier": head.init(r_head, jnp.zeros((1, *build_lib.bridge_tokens(cfg))))["params"]}
     frozen = {}
+    if cfg.bridge.kind == "mlp":  # BatchNorm's running statistics are state the step writes, not gradient-trained
+      frozen["bridge"] = {"batch_stats": params["bridge"].pop("batch_stats")}
     (params if train_hubert else frozen)["hubert"] = hub
     return {"params": params, "frozen": frozen}
 
-  def logits_fn(params, frozen, batch, rng=None):
-    parts = {"hubert": params["hubert"] if train_hubert else frozen["hubert"], "bridge": params["bridge"]}
-    tokens = build_lib.speech_tokens(cfg, parts, batch, use_cache=not train_hubert, rng=rng, modules=(hubert, bridge))
-    return head.apply({"params": params["classifier"]}, tokens)
+  def speech_parts(params, frozen):
+    return {"hubert": params["hubert"] if train_hubert else frozen["hubert"],
+            "bridge": {**params["bridge"], **frozen.get("bridge", {})}}
 
   def loss(params, frozen, batch, rng):
-    bce = optax.sigmoid_binary_cross_entropy(logits_fn(params, frozen, batch, rng), batch["labels"]).mean()
-    return bce, {"bce": bce}
+    tokens, bridge_updates = build_lib.speech_tokens_training(
+        cfg, speech_parts(params, frozen), batch, rng, use_cache=not train_hubert, modules=(hubert, bridge))
+    logits = head.apply({"params": params["classifier"]}, tokens)
+    bce = optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean()
+    return bce, {"bce": bce, **({FROZEN_UPDATES: {"bridge": bridge_updates}} if bridge_updates else {})}
 
-  predict = jax.jit(lambda params, frozen, batch: jax.nn.sigmoid(logits_fn(params, frozen, batch)))
+  @jax.jit
+  def predict(params, frozen, batch):
+    tokens = build_lib.speech_tokens(cfg, speech_parts(params, frozen), batch, use_cache=not train_hubert,
+                                     modules=(hubert, bridge))
+    return jax.nn.sigmoid(head.apply({"params": params["classifier"]}, tokens))
 
   def evaluate(state, data, mesh) -> dict:
     """mAP and BCE on the validation split, every example once, over all processes: each runs the same

@@ -109,6 +109,17 @@ def init_state(init_fn: Callable[[jax.Array], dict], tx: optax.GradientTransform
   return TrainState(step=step, params=params, opt_state=opt_state, frozen=model["frozen"], ema=ema)
 
 
+FROZEN_UPDATES = "frozen_updates"
+
+
+def _with_updates(tree: dict, updates: dict) -> dict:
+  """`tree` with the sub-trees `updates` names replaced (nested dicts merged key by key)."""
+  out = dict(tree)
+  for k, v in updates.items():
+    out[k] = _with_updates(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+  return out
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     ema_decay: float = 0.0, skip_nonfinite: bool = False
                     ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
@@ -116,11 +127,14 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
 
   Metrics always hold `loss`, `grad_norm`, `lr` and `finite` (loss and gradients finite). With
   `skip_nonfinite` a non-finite step leaves params, optimizer state and EMA unchanged (the step
-  counter still advances, so the data and rng move on).
+  counter still advances, so the data and rng move on). A loss may return, under the metrics key
+  FROZEN_UPDATES, new values for sub-trees of `frozen` (e.g. BatchNorm running statistics); the step writes them.
   """
   def step(state: TrainState, batch: dict, rng: jax.Array):
     rng = jax.random.fold_in(rng, state.step)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.frozen, batch, rng)
+    aux = dict(aux)
+    frozen = _with_updates(state.frozen, aux.pop(FROZEN_UPDATES, {}))
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -130,8 +144,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
       ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
     if skip_nonfinite:
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-      params, opt_state, ema = keep((params, opt_state, ema), (state.params, state.opt_state, state.ema))
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
+      params, opt_state, ema, frozen = keep((params, opt_state, ema, frozen),
+                                            (state.params, state.opt_state, state.ema, state.frozen))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, frozen=frozen)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
                "finite": finite.astype(jnp.float32), **aux}
     return new_state, metrics
