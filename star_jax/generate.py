@@ -2,6 +2,11 @@
 
   star-jax generate --ckpt outputs/tiny/bundle --speech query.wav --out sound.wav [--steps 20 --cfg 5
       --sway -1 --seed 0 --seconds 10]
+  star-jax generate --ckpt outputs/tiny/meanflow_bundle --speech query.wav --out sound.wav --steps 1
+
+A bundle whose DiT was fine-tuned by the `meanflow` stage samples with the mean-flow sampler (1, 2 or 4 steps of
+one pass each, guidance folded in by training; `--cfg` does not apply); any other with Euler + CFG. The sampler
+loop and the VAE decode run as one compiled program.
   star-jax generate --ckpt BUNDLE --speech queries/ --out sounds/        # every audio file in a folder
 
 Any sample rate and channel count is accepted (resampled to 16 kHz, mixed down). Unreadable, empty,
@@ -11,6 +16,7 @@ silent or over-long input is an error naming the file (exit code 2).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -29,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--ckpt", required=True, help="inference bundle written by `star-jax export`")
   p.add_argument("--speech", required=True, help="a speech recording, or a folder of them")
   p.add_argument("--out", required=True, help="output wav (or folder, when --speech is a folder)")
-  p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the config's flow.num_steps)")
+  p.add_argument("--steps", type=int, default=None,
+                 help="sampler steps (default: flow.num_steps, or meanflow.num_steps for a mean-flow bundle)")
   p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: config)")
   p.add_argument("--sway", type=float, default=None, help="sway sampling coefficient (default: config, -1)")
   p.add_argument("--seed", type=int, default=0)
@@ -67,20 +74,48 @@ def read_speech(path: str, max_seconds: float = 60.0) -> np.ndarray:
   return wave
 
 
+def generation_program(dit, vae, latent_scale: float):
+  """One jitted program: sampler loop (mean-flow when `dit.cfg.mean_flow`, else Euler + CFG), then the VAE
+  decode. -> fn(params {dit, vae}, noise (B, L, C), tokens (B, Q, D), num_steps, guided, cfg_scale, sway) ->
+  waveforms (B, T); compiled once per (shapes, num_steps, guided)."""
+  import jax
+
+  from star_jax import flow
+  from star_jax.models.dit import sampler_fns
+
+  prepare, velocity = sampler_fns(dit.cfg)
+
+  def generate(params, noise_bld, tokens_bqd, num_steps, guided, cfg_scale, sway):
+    variables = {"params": params["dit"]}
+    if dit.cfg.mean_flow:
+      latents = flow.mean_flow_sample(velocity, variables, noise_bld, tokens_bqd, num_steps=num_steps,
+                                      sway_coef=sway, prepare_context=prepare)
+    else:
+      latents = flow.sample(velocity, variables, noise_bld, tokens_bqd, num_steps=num_steps,
+                            cfg_scale=cfg_scale if guided else None, sway_coef=sway, prepare_context=prepare)
+    return vae.apply({"params": params["vae"]}, latents / latent_scale, method="decode")  # DiT space -> VAE's
+
+  return jax.jit(generate, static_argnums=(3, 4))
+
+
 class Generator:
-  """A loaded bundle: `tokens(speech list)` -> (B, Q, D), `sample(tokens, ...)` -> list of waveforms."""
+  """A loaded bundle: `tokens(speech list)` -> (B, Q, D), `sample(tokens, ...)` -> list of waveforms.
+  `mean_flow`: the DiT is a mean-flow one (trained by the `meanflow` stage)."""
 
   def __init__(self, bundle_dir: str):
     import jax
 
     from star_jax.export import load_bundle
     from star_jax.models import build
+    from star_jax.models.dit import DiT
 
     self.cfg, params = load_bundle(bundle_dir)
     self.params = jax.device_put(params)
     cfg = self.cfg
     self.hubert, self.bridge = build.hubert(cfg), build.bridge(cfg)
-    self.dit, self.vae = build.dit(cfg), build.vae(cfg)
+    self.mean_flow = "interval_embed_1" in self.params["dit"]
+    self.dit = DiT(dataclasses.replace(build.dit_config(cfg), mean_flow=self.mean_flow))
+    self.vae = build.vae(cfg)
     self.sample_rate_hz = int(cfg.vae.sample_rate_hz)
     self.hop = build.vae_hop(cfg)
     self.latent_scale = build.latent_scale(cfg)
@@ -91,6 +126,7 @@ class Generator:
         cfg, p, {"hubert": feats, "hubert_mask": mask}, modules=modules))
     self._decode = jax.jit(lambda p, z: self.vae.apply({"params": p}, z, method="decode"))
     self._encode = jax.jit(lambda p, a: self.vae.apply({"params": p}, a, method="encode")[0])
+    self._generate = generation_program(self.dit, self.vae, self.latent_scale)
 
   def tokens_from_features(self, feats_ntd: np.ndarray, frame_mask_nt: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """HuBERT frames (cached by `prepare cache` from this bundle's HuBERT) -> bridge tokens (N, Q, D), in
@@ -115,21 +151,27 @@ class Generator:
 
   def sample(self, tokens, seconds: float, *, steps: int | None = None, cfg_scale: float | None = None,
              sway: float | None = None, seed: int = 0) -> np.ndarray:
-    """Bridge tokens (B, Q, D) -> waveforms (B, round(seconds * rate)) at the VAE rate, float32."""
-    import jax
+    """Bridge tokens (B, Q, D) -> waveforms (B, round(seconds * rate)) at the VAE rate, float32.
 
-    from star_jax import flow
+    A mean-flow bundle: `steps` default meanflow.num_steps, a uniform grid unless `sway`, no `cfg_scale` (its
+    guidance was fixed in training, meanflow.cfg_scale; a given one is ignored with a warning)."""
+    import jax
+    import jax.numpy as jnp
 
     f = self.cfg.flow
+    if self.mean_flow:
+      if cfg_scale is not None:
+        log.warning("cfg_scale %g ignored: this bundle's mean-flow DiT has its guidance (w = %g) from training",
+                    cfg_scale, self.cfg.meanflow.cfg_scale)
+      steps, guidance, sway = steps or self.cfg.meanflow.num_steps, 1.0, 0.0 if sway is None else sway
+    else:
+      guidance = float(f.cfg_scale if cfg_scale is None else cfg_scale)
+      steps, sway = steps or f.num_steps, float(f.sway_coef if sway is None else sway)
     num_samples = int(round(seconds * self.sample_rate_hz))
     frames = math.ceil(num_samples / self.hop)
     noise = jax.random.normal(jax.random.PRNGKey(seed), (tokens.shape[0], frames, int(self.cfg.vae.latent_channels)))
-    latents = flow.sample(self.dit.apply, {"params": self.params["dit"]}, noise, tokens,
-                          num_steps=int(steps or f.num_steps),
-                          cfg_scale=float(f.cfg_scale if cfg_scale is None else cfg_scale),
-                          sway_coef=float(f.sway_coef if sway is None else sway))
-    latents = latents / self.latent_scale  # the DiT's space -> the VAE's
-    wav = np.asarray(self._decode(self.params["vae"], latents), np.float32)
+    wav = np.asarray(self._generate(self.params, noise, tokens, int(steps), not self.mean_flow,
+                                    jnp.float32(guidance), jnp.float32(sway)), np.float32)
     if wav.shape[1] < num_samples:
       wav = np.pad(wav, ((0, 0), (0, num_samples - wav.shape[1])))
     return wav[:, :num_samples]

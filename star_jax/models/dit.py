@@ -234,9 +234,8 @@ class DiT(nn.Module):
         f"out_blocks_{i}" for i in range(cfg.depth // 2)]
     blocks = [block(cfg, name.startswith("out"), name=name) for name in names]
     if context_kv is None:
-      if cfg.context_slots:
-        context_bsd = self.slot_projection(context_bsd)
-      ctx = Dense(d, ("embed", "mlp"), dtype=dtype, name="context_embed_1")(context_bsd)
+      ctx = self.slot_projection(context_bsd) if cfg.context_slots else context_bsd
+      ctx = Dense(d, ("embed", "mlp"), dtype=dtype, name="context_embed_1")(ctx)
       ctx = Dense(d, ("mlp", "embed"), dtype=dtype, name="context_embed_2")(jax.nn.silu(ctx))
       context_kv = [blk(None, None, None, ctx, None, None, None) for blk in blocks]
     if x_bld is None:
@@ -352,3 +351,19 @@ class FinalConv(nn.Module):
 def velocity_fn(cfg: DiTConfig):
   """`DiT(cfg).apply`, one object per config: jitted samplers keyed on it compile once per config."""
   return DiT(cfg).apply
+
+
+@functools.lru_cache(maxsize=None)
+def sampler_fns(cfg: DiTConfig):
+  """(prepare_context, velocity) for `flow.sample` / `flow.mean_flow_sample`, one pair per config: the context's
+  cross-attention K/V computed once per sample, then every step's DiT pass reads them."""
+  model = DiT(cfg)
+
+  def prepare_context(variables, context_bsd, context_mask_bs):
+    return context_bsd, model.apply(variables, context_bsd, context_mask_bs, method="context_kv")
+
+  def velocity(variables, x_bld, t_b, context, context_mask_bs, x_mask_bl, **kw):
+    context_bsd, kv = context
+    return model.apply(variables, x_bld, t_b, context_bsd, context_mask_bs, x_mask_bl, context_kv=kv, **kw)
+
+  return prepare_context, velocity
