@@ -14,11 +14,12 @@ import logging
 import sys
 
 from star_jax import distributed
+from star_jax.constants import STAGES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--config", default="configs/star.py:tiny", help="FILE.py:VARIANT (default: %(default)s)")
-  p.add_argument("--stage", required=True, choices=("vae", "tta", "stage1", "stage2", "meanflow"))
+  p.add_argument("--stage", required=True, choices=STAGES)
   p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard files go here")
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config value, e.g. --set stage2.lr=1e-4 (repeatable)")
