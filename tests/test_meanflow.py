@@ -212,3 +212,37 @@ def test_meanflow_stage_trains_from_a_stage2_workdir_and_generates_in_one_step(t
                  "--steps", steps]) == 0
     got, rate = sf.read(str(out))
     assert rate == cfg.vae.sample_rate_hz and got.shape == (int(0.32 * rate),) and np.all(np.isfinite(got))
+
+
+def test_meanflow_eval_scores_teacher_and_student_on_tiny_data(tmp_path):
+  """scripts/meanflow_eval.py's scoring on random bundles and 8 random clips: one row for the teacher and one per
+  mean-flow step count, each figure in range, and the seed table over two runs."""
+  pytest.importorskip("sklearn")
+  from scripts.meanflow_eval import FIGURES, score_samplers, table
+  from star_jax.checkpoint import save_params
+  from star_jax.config import load_config
+  from star_jax.export import export_bundle
+  from star_jax.generate import Generator
+  from star_jax.train.stage import build_stage
+  from tests.test_train_stages import SMALL
+
+  bundles = {}
+  cfg = load_config("configs/star.py:tiny", SMALL)
+  for name in ("stage2", "meanflow"):
+    work = tmp_path / name
+    save_params(str(work / "best"), nn.unbox(build_stage(cfg, name).init(jax.random.PRNGKey(0))), cfg, kind=name)
+    (work / "config.json").write_text(cfg.to_json())
+    bundles[name] = Generator(export_bundle(str(work), str(tmp_path / f"{name}_bundle")))
+  assert bundles["meanflow"].mean_flow and not bundles["stage2"].mean_flow
+  rng = np.random.default_rng(0)
+  n, samples = 8, int(0.32 * cfg.vae.sample_rate_hz)
+  labels = np.eye(2, dtype=np.float32)[np.arange(n) % 2]
+  tone = np.sin(np.arange(samples) * np.where(labels[:, :1] > 0, 0.05, 0.4))  # class 0 low, class 1 high
+  clips = {"audio": (0.3 * tone + 0.01 * rng.standard_normal((n, samples))).astype(np.float32), "labels": labels,
+           "speech": rng.uniform(-0.3, 0.3, (n, 16000)).astype(np.float32), "speech_mask": np.ones((n, 16000), bool)}
+  scores = score_samplers(bundles["stage2"], bundles["meanflow"], clips, clips, [1, 2], batch_size=4)
+  assert list(scores) == ["teacher: Euler 10 steps + CFG 3", "mean flow, 1 step", "mean flow, 2 steps"]
+  for row in scores.values():
+    assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["accuracy_vae_aware"] <= 1.0 and row["fd"] >= 0.0
+  md = table({"seed 0": scores, "seed 1": scores})
+  assert md.count("\n") == 4 and all(f"{f} range" in md for f in FIGURES)
