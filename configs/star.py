@@ -124,6 +124,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # latents = (log mel - log_mean) / log_std; decode clips the log-mel at log_ceiling, then Griffin-Lim.
   c.mel_codec = dict(n_fft=1024, hop_length=320, fmin_hz=0.0, fmax_hz=0.0, log_floor=1e-5, log_mean=-5.0,
                      log_std=4.0, log_ceiling=8.0, griffin_lim_iters=32, griffin_lim_momentum=0.99, nnls_iters=8)
+  # MeanFlow few-step generation (DESIGN.md §2, docs/meanflow.md): a stage of its own (`--stage meanflow`) that
+  # fine-tunes a stage-2 workdir's DiT on the average velocity with guidance w folded in, so `generate --steps 1`
+  # samples in one pass. interval_prob: pairs with r < t (MeanAudio 0.25; the rest are flow matching);
+  # adaptive_p/c: MeanFlow's loss weight 1/(mse + c)^p (its best, p = 1); num_steps: `generate`'s default.
+  c.meanflow = dict(lr=2.5e-5, weight_decay=0.01, warmup_steps=1000, schedule="constant", steps=200_000,
+                    batch_size=16, grad_clip=1.0, ema_decay=0.0, init_stage2="", interval_prob=0.25,
+                    cfg_scale=c.flow.cfg_scale, adaptive_p=1.0, adaptive_c=1e-3, num_steps=1, mask_padding=True,
+                    random_crop=True)
 
   if variant == "tiny":  # every stage in minutes on one CPU machine (docs/notes/tiny_demo.md holds the measurements)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)  # a model this small replicates; FSDP would only add collectives
@@ -179,4 +187,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # Token noise 0.5: the held-out voice's tokens sit off the training voices'; 0.188 against 0.165 without.
     c.stage2.update(dict(lr=3e-3, warmup_steps=50, steps=2500, epochs=0, batch_size=8, mask_padding=False,
                          random_crop=False, train_projection=False, token_noise=0.5))
+    # As stage 2's data handling; guidance at the tiny sampler's scale; 500 steps at 1e-3 (~4 epochs).
+    c.meanflow.update(dict(lr=1e-3, warmup_steps=20, steps=500, batch_size=8, cfg_scale=c.flow.cfg_scale,
+                           mask_padding=False, random_crop=False))
   return c

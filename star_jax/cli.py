@@ -17,7 +17,7 @@ from star_jax.errors import UserError
 COMMANDS = {
     "demo": ("star_jax.demo", "train a tiny STAR on the built-in corpus and speak-to-sound end to end"),
     "prepare": ("star_jax.data.prepare_cli", "build TFDS datasets (audiocaps, opensfx) and feature caches (cache)"),
-    "train": ("star_jax.train.cli", "train one stage (vae, tta, stage1, stage2) from a config"),
+    "train": ("star_jax.train.cli", "train one stage (vae, tta, stage1, stage2, meanflow) from a config"),
     "generate": ("star_jax.generate", "speech wav(s) in, generated audio wav(s) out"),
     "export": ("star_jax.export", "write an inference bundle from training checkpoints"),
     "convert": ("star_jax.convert.cli", "convert PyTorch/HF checkpoints to orbax (hubert, qformer, vae, dit)"),

@@ -2,8 +2,13 @@
 
   star-jax generate --ckpt outputs/tiny/bundle --speech query.wav --out sound.wav [--steps 20 --cfg 5
       --sway -1 --seed 0 --seconds 10]
+  star-jax generate --ckpt outputs/tiny/meanflow_bundle --speech query.wav --out sound.wav --steps 1
   star-jax generate --ckpt BUNDLE --speech queries/ --out sounds/        # every audio file in a folder
   star-jax generate --ckpt BUNDLE --speech q.wav --out s.wav --init-noise z1.npy --float   # reproduce a sample
+
+A bundle whose DiT was fine-tuned by the `meanflow` stage samples with the mean-flow sampler (1, 2 or 4 steps of
+one pass each, guidance folded in by training; `--cfg` does not apply); any other with Euler + CFG. The sampler
+loop and the VAE decode run as one compiled program.
 
 Any sample rate and channel count is accepted (resampled to 16 kHz, mixed down). Unreadable, empty,
 silent or over-long input is an error naming the file (exit code 2).
@@ -12,10 +17,12 @@ silent or over-long input is an error naming the file (exit code 2).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -30,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--ckpt", required=True, help="inference bundle written by `star-jax export`")
   p.add_argument("--speech", required=True, help="a speech recording, or a folder of them")
   p.add_argument("--out", required=True, help="output wav (or folder, when --speech is a folder)")
-  p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the config's flow.num_steps)")
+  p.add_argument("--steps", type=int, default=None,
+                 help="sampler steps (default: flow.num_steps, or meanflow.num_steps for a mean-flow bundle)")
   p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: config)")
   p.add_argument("--sway", type=float, default=None, help="sway sampling coefficient (default: config, -1)")
   p.add_argument("--seed", type=int, default=0)
@@ -73,20 +81,53 @@ def read_speech(path: str, max_seconds: float = 60.0) -> np.ndarray:
   return wave
 
 
+def generation_programs(dit, vae, latent_scale: float):
+  """Two jitted programs over one sampler loop (mean-flow when `dit.cfg.mean_flow`, else Euler + CFG):
+  `latents(dit_params, noise (B, L, C), tokens (B, Q, D), num_steps, guided, cfg_scale, sway)` -> latents in the
+  VAE's space, and `generate(dit_params, vae_params, noise, tokens, num_steps, guided, cfg_scale, sway)` ->
+  waveforms (B, T), the loop and the VAE decode in one program. Each compiles once per (shapes, num_steps, guided)."""
+  import jax
+
+  from star_jax import flow
+  from star_jax.models.dit import sampler_fns
+
+  prepare, velocity = sampler_fns(dit.cfg)
+
+  def latents(dit_params, noise_bld, tokens_bqd, num_steps, guided, cfg_scale, sway):
+    variables = {"params": dit_params}
+    if dit.cfg.mean_flow:
+      z = flow.mean_flow_sample(velocity, variables, noise_bld, tokens_bqd, num_steps=num_steps,
+                                sway_coef=sway, prepare_context=prepare)
+    else:
+      z = flow.sample(velocity, variables, noise_bld, tokens_bqd, num_steps=num_steps,
+                      cfg_scale=cfg_scale if guided else None, sway_coef=sway, prepare_context=prepare)
+    return z / latent_scale  # the DiT's space -> the VAE's
+
+  def generate(dit_params, vae_params, noise_bld, tokens_bqd, num_steps, guided, cfg_scale, sway):
+    z = latents(dit_params, noise_bld, tokens_bqd, num_steps, guided, cfg_scale, sway)
+    return vae.apply({"params": vae_params}, z, method="decode")
+
+  return jax.jit(latents, static_argnums=(3, 4)), jax.jit(generate, static_argnums=(4, 5))
+
+
 class Generator:
-  """A loaded bundle: `tokens(speech list)` -> (B, Q, D), `sample(tokens, ...)` -> list of waveforms."""
+  """A loaded bundle: `tokens(speech list)` -> (B, Q, D), `sample(tokens, ...)` -> waveforms, or its two halves
+  `latents` and `decode`. `mean_flow`: the DiT is a mean-flow one (trained by the `meanflow` stage)."""
 
   def __init__(self, bundle_dir: str):
     import jax
 
     from star_jax.export import load_bundle
     from star_jax.models import build
+    from star_jax.models.dit import DiT
 
     self.cfg, params = load_bundle(bundle_dir)
     self.params = jax.device_put(params)
     cfg = self.cfg
     self.hubert, self.bridge = build.hubert(cfg), build.bridge(cfg)
-    self.dit, self.vae = build.dit(cfg), build.vae(cfg)  # Oobleck, or the fixed mel codec (no params)
+    self.mean_flow = "interval_embed_1" in self.params["dit"]
+    self.dit = DiT(dataclasses.replace(build.dit_config(cfg), mean_flow=self.mean_flow))
+    self.vae = build.vae(cfg)  # Oobleck, or the fixed mel codec (no params)
     self.vae_params = self.params.get("vae", {})
     self.sample_rate_hz = int(cfg.vae.sample_rate_hz)
     self.hop = build.vae_hop(cfg)
@@ -98,6 +139,7 @@ class Generator:
         cfg, p, {"hubert": feats, "hubert_mask": mask}, modules=modules))
     self._decode = jax.jit(lambda p, z: self.vae.apply({"params": p}, z, method="decode"))
     self._encode = jax.jit(lambda p, a: self.vae.apply({"params": p}, a, method="encode")[0])
+    self._latents, self._generate = generation_programs(self.dit, self.vae, self.latent_scale)
 
   def tokens_from_features(self, feats_ntd: np.ndarray, frame_mask_nt: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """HuBERT frames (cached by `prepare cache` from this bundle's HuBERT) -> bridge tokens (N, Q, D), in
@@ -120,41 +162,71 @@ class Generator:
       batch[i, :len(s)], mask[i, :len(s)] = s, True
     return self._tokens(self.params, batch, mask)
 
-  def sample(self, tokens, seconds: float, *, steps: int | None = None, cfg_scale: float | None = None,
-             sway: float | None = None, seed: int = 0, noise: np.ndarray | None = None) -> np.ndarray:
-    """Bridge tokens (B, Q, D) -> waveforms (B, round(seconds * rate)) at the VAE rate, float32. The Euler start is
-    `noise` (B, L, C) when given (L = the frames `seconds` needs), else N(0, I) from `seed`."""
-    import jax
-
-    from star_jax import flow
-
+  def _options(self, steps, cfg_scale, sway) -> tuple[int, bool, float, float]:
+    """(steps, guided, cfg_scale, sway) for the sampler. A mean-flow bundle: `steps` default meanflow.num_steps, a
+    uniform grid unless `sway`, no `cfg_scale` (its guidance w was fixed in training; a given one is ignored)."""
     f = self.cfg.flow
-    num_samples = int(round(seconds * self.sample_rate_hz))
-    frames = math.ceil(num_samples / self.hop)
-    shape = (tokens.shape[0], frames, int(self.cfg.vae.latent_channels))
-    if noise is None:
-      noise = jax.random.normal(jax.random.PRNGKey(seed), shape)
-    elif tuple(noise.shape) != shape:
-      raise UserError(f"initial noise of shape {tuple(noise.shape)}; {seconds:g} s for {shape[0]} queries needs {shape}")
-    latents = flow.sample(self.dit.apply, {"params": self.params["dit"]}, noise, tokens,
-                          num_steps=int(steps or f.num_steps),
-                          cfg_scale=float(f.cfg_scale if cfg_scale is None else cfg_scale),
-                          sway_coef=float(f.sway_coef if sway is None else sway))
-    latents = latents / self.latent_scale  # the DiT's space -> the VAE's
-    wav = np.asarray(self._decode(self.vae_params, latents), np.float32)
-    if wav.shape[1] < num_samples:
-      wav = np.pad(wav, ((0, 0), (0, num_samples - wav.shape[1])))
-    return wav[:, :num_samples]
+    if self.mean_flow:
+      if cfg_scale is not None:
+        log.warning("cfg_scale %g ignored: this bundle's mean-flow DiT has its guidance (w = %g) from training",
+                    cfg_scale, self.cfg.meanflow.cfg_scale)
+      return int(steps or self.cfg.meanflow.num_steps), False, 1.0, 0.0 if sway is None else float(sway)
+    return (int(steps or f.num_steps), True, float(f.cfg_scale if cfg_scale is None else cfg_scale),
+            float(f.sway_coef if sway is None else sway))
+
+  def noise(self, batch: int, seconds: float, seed: int | Sequence[int] = 0, noise: np.ndarray | None = None):
+    """The sampler's start (B, L, C): `noise` when given (L = the frames `seconds` needs), else N(0, I) from `seed`,
+    one int for the batch or one per row (row i then starts where a batch of one with seed[i] starts)."""
+    import jax
+    import jax.numpy as jnp
+
+    shape = (batch, math.ceil(int(round(seconds * self.sample_rate_hz)) / self.hop), int(self.cfg.vae.latent_channels))
+    if noise is not None:
+      if tuple(noise.shape) != shape:
+        raise UserError(f"initial noise of shape {tuple(noise.shape)}; {seconds:g} s for {batch} queries needs {shape}")
+      return jnp.asarray(noise, jnp.float32)
+    if np.ndim(seed) == 0:
+      return jax.random.normal(jax.random.PRNGKey(int(seed)), shape)
+    return jnp.concatenate([jax.random.normal(jax.random.PRNGKey(int(s)), (1, *shape[1:])) for s in seed])
+
+  def latents(self, tokens, seconds: float, *, steps: int | None = None, cfg_scale: float | None = None,
+              sway: float | None = None, seed: int | Sequence[int] = 0, noise: np.ndarray | None = None):
+    """Bridge tokens (B, Q, D) -> latents (B, L, C) in the VAE's space for `seconds` of audio."""
+    import jax.numpy as jnp
+
+    steps, guided, guidance, sway = self._options(steps, cfg_scale, sway)
+    return self._latents(self.params["dit"], self.noise(tokens.shape[0], seconds, seed, noise), tokens, steps,
+                         guided, jnp.float32(guidance), jnp.float32(sway))
+
+  def decode(self, latents, seconds: float) -> np.ndarray:
+    """Latents (B, L, C) from `latents` -> waveforms (B, round(seconds * rate)) at the VAE rate, float32."""
+    return _fit(np.asarray(self._decode(self.vae_params, latents), np.float32), round(seconds * self.sample_rate_hz))
+
+  def sample(self, tokens, seconds: float, *, steps: int | None = None, cfg_scale: float | None = None,
+             sway: float | None = None, seed: int | Sequence[int] = 0, noise: np.ndarray | None = None) -> np.ndarray:
+    """Bridge tokens (B, Q, D) -> waveforms (B, round(seconds * rate)) at the VAE rate, float32: `latents` then
+    `decode` as one program. The start is `noise` (B, L, C) when given, else N(0, I) from `seed`."""
+    import jax.numpy as jnp
+
+    steps, guided, guidance, sway = self._options(steps, cfg_scale, sway)
+    wav = self._generate(self.params["dit"], self.vae_params, self.noise(tokens.shape[0], seconds, seed, noise),
+                         tokens, steps, guided, jnp.float32(guidance), jnp.float32(sway))
+    return _fit(np.asarray(wav, np.float32), round(seconds * self.sample_rate_hz))
 
   def reconstruct(self, audio_bt: np.ndarray) -> np.ndarray:
     """Audio (B, T) at the VAE rate -> decode(posterior mean of encode): what the VAE alone keeps."""
     wav = np.asarray(self._decode(self.vae_params, self._encode(self.vae_params, audio_bt)), np.float32)
-    if wav.shape[1] < audio_bt.shape[1]:
-      wav = np.pad(wav, ((0, 0), (0, audio_bt.shape[1] - wav.shape[1])))
-    return wav[:, :audio_bt.shape[1]]
+    return _fit(wav, audio_bt.shape[1])
 
   def __call__(self, speech: list[np.ndarray], seconds: float, **kw) -> np.ndarray:
     return self.sample(self.tokens(speech), seconds, **kw)
+
+
+def _fit(wav_bt: np.ndarray, num_samples: int) -> np.ndarray:
+  """Zero-pad or cut waveforms to `num_samples`."""
+  if wav_bt.shape[1] < num_samples:
+    wav_bt = np.pad(wav_bt, ((0, 0), (0, num_samples - wav_bt.shape[1])))
+  return wav_bt[:, :num_samples]
 
 
 def write_wav(path: str, wav: np.ndarray, rate_hz: int, as_float: bool = False) -> None:

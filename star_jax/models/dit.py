@@ -1,7 +1,9 @@
 """EzAudio's UDiT with AdaLN-SOLA: the flow-matching velocity network of STAR (DESIGN.md §2, DiT).
 
 `DiT(cfg).apply({"params": p}, x_bld, t_b, context_bsd, context_mask_bs=None, x_mask_bl=None) -> v_bld`
-with t on the 0..1000 scale. depth // 2 in-blocks, one middle block, depth // 2 out-blocks joined by
+with t on the 0..1000 scale; a mean-flow DiT (`mean_flow`) also takes `r_b`, the interval's start, and returns
+the average velocity over [r, t]. `DiT(cfg).apply(..., context_bsd, context_mask_bs, method="context_kv")` gives
+every block's cross-attention keys and values, which a sampler computes once and passes as `context_kv`. depth // 2 in-blocks, one middle block, depth // 2 out-blocks joined by
 last-in-first-out long skips; self-attention with QK-LayerNorm and rotate-half RoPE, unmodulated
 cross-attention to the context, GEGLU MLP; residuals scaled by (1 - gate).
 """
@@ -16,7 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from star_jax.models.layers import Dense, LayerNorm, as_dtype, attention, constrain, masked_mean, zeros
+from star_jax.models.layers import (ATTENTION_IMPLEMENTATIONS, Dense, LayerNorm, as_dtype, attention, constrain,
+                                    masked_mean, zeros)
 
 REMAT_POLICIES = {
     "none": None,
@@ -55,6 +58,11 @@ class DiTConfig:
   # context MLP (init N(0, 1/Dc)). A bridge whose tokens are near copies of one another then still reaches
   # cross-attention as distinct tokens, which the DiT keys on far faster (docs/notes/tiny_demo.md). 0: STAR, EzAudio.
   context_slots: int = 0
+  # MeanFlow (DESIGN.md §2, Few-step generation): a second time input r whose own timestep embedding of (t - r),
+  # zero-initialised, adds to t's, so the network computes the average velocity u(z_t, r, t) and starts as the
+  # flow model. False: STAR and EzAudio.
+  mean_flow: bool = False
+  attention: str = "auto"  # one of layers.ATTENTION_IMPLEMENTATIONS; auto: cuDNN flash attention on NVIDIA GPUs
   remat: str = "none"  # a key of REMAT_POLICIES, applied per block
   dtype: str = "float32"  # matmul input dtype; params, norms, softmax and the residual stay f32
 
@@ -68,6 +76,8 @@ class DiTConfig:
       raise ValueError(f"dit.patch_size must be >= 1, got {self.patch_size}")
     if self.abs_pe not in ("none", "sinusoidal"):
       raise ValueError(f"dit.abs_pe '{self.abs_pe}' is not one of ('none', 'sinusoidal')")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"dit.attention '{self.attention}' is not one of {ATTENTION_IMPLEMENTATIONS}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"dit.remat '{self.remat}' is not one of {sorted(REMAT_POLICIES)}")
 
@@ -105,27 +115,35 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
 
 class Attention(nn.Module):
   """Multi-head attention: q/k/v without bias, QK-LayerNorm over the head dim shared across heads,
-  optional RoPE, key mask, output projection with bias. (B, Lq, D), (B, Lk, D) -> (B, Lq, D)."""
+  optional RoPE, key mask, output projection with bias. (B, Lq, D), (B, Lk, D) -> (B, Lq, D).
+
+  `kv`: the (k, v) this module computed before for the same context (no RoPE); `x_bld=None` returns them.
+  """
   num_heads: int
   use_rope: bool
   eps: float
   dtype: str
   zero_out: bool = False  # cross-attention's output projection starts at zero
+  implementation: str = "auto"
 
   @nn.compact
-  def __call__(self, x_bld, context_bsd, mask_bs=None):
+  def __call__(self, x_bld, context_bsd, mask_bs=None, kv=None):
     dtype = as_dtype(self.dtype)
-    d = x_bld.shape[-1]
+    d = context_bsd.shape[-1] if kv is None else kv[0].shape[-2] * kv[0].shape[-1]
     h = self.num_heads
     split = lambda y: constrain(y.reshape(*y.shape[:2], h, d // h), ("batch", "length", "heads", "kv"))
+    if kv is None:
+      k = split(Dense(d, ("embed", "heads"), use_bias=False, dtype=dtype, name="to_k")(context_bsd))
+      v = split(Dense(d, ("embed", "heads"), use_bias=False, dtype=dtype, name="to_v")(context_bsd))
+      kv = LayerNorm(self.eps, axis="kv", name="norm_k")(k), v
+      if x_bld is None:
+        return kv
+    k, v = kv
     q = split(Dense(d, ("embed", "heads"), use_bias=False, dtype=dtype, name="to_q")(x_bld))
-    k = split(Dense(d, ("embed", "heads"), use_bias=False, dtype=dtype, name="to_k")(context_bsd))
-    v = split(Dense(d, ("embed", "heads"), use_bias=False, dtype=dtype, name="to_v")(context_bsd))
     q = LayerNorm(self.eps, axis="kv", name="norm_q")(q)
-    k = LayerNorm(self.eps, axis="kv", name="norm_k")(k)
     if self.use_rope:
       q, k = rope(q), rope(k)
-    out = attention(q, k, v, mask_bs, dtype).reshape(x_bld.shape)
+    out = attention(q, k, v, mask_bs, dtype, self.implementation).reshape(x_bld.shape)
     init = zeros if self.zero_out else nn.initializers.xavier_uniform()
     return Dense(d, ("heads", "embed"), dtype=dtype, kernel_init=init, name="proj")(out)
 
@@ -169,8 +187,16 @@ class Block(nn.Module):
   has_skip: bool
 
   @nn.compact
-  def __call__(self, x_bld, temb_bd, time_ada_b6d, context_bsd, skip_bld, x_mask_bl, context_mask_bs):
+  def __call__(self, x_bld, temb_bd, time_ada_b6d, context_bsd, skip_bld, x_mask_bl, context_mask_bs,
+               context_kv=None):
+    """`context_kv`: this block's cross-attention (k, v) of the context; `x_bld=None` returns them."""
     cfg = self.cfg
+    cross_attn = Attention(cfg.num_heads, False, cfg.layer_norm_eps, cfg.dtype, zero_out=True,
+                           implementation=cfg.attention, name="cross_attn")
+    if context_kv is None:
+      context_kv = cross_attn(None, LayerNorm(cfg.layer_norm_eps, name="norm_context")(context_bsd))
+    if x_bld is None:
+      return context_kv
     dtype = as_dtype(cfg.dtype)
     eps = cfg.layer_norm_eps
     d = x_bld.shape[-1]
@@ -181,13 +207,10 @@ class Block(nn.Module):
         cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="adaln")(temb_bd, time_ada_b6d)
 
     h = modulate(LayerNorm(eps, name="norm1")(x_bld), shift_msa, scale_msa)
-    h = Attention(cfg.num_heads, True, eps, cfg.dtype, name="attn")(h, h, x_mask_bl)
+    h = Attention(cfg.num_heads, True, eps, cfg.dtype, implementation=cfg.attention, name="attn")(h, h, x_mask_bl)
     x_bld = x_bld + (1.0 - gate_msa[:, None, :]) * h
 
-    ctx = LayerNorm(eps, name="norm_context")(context_bsd)
-    h = Attention(cfg.num_heads, False, eps, cfg.dtype, zero_out=True, name="cross_attn")(
-        LayerNorm(eps, name="norm2")(x_bld), ctx, context_mask_bs)
-    x_bld = x_bld + h
+    x_bld = x_bld + cross_attn(LayerNorm(eps, name="norm2")(x_bld), None, context_mask_bs, context_kv)
 
     h = modulate(LayerNorm(eps, name="norm3")(x_bld), shift_mlp, scale_mlp)
     h = GEGLU(cfg.mlp_ratio * d, cfg.dtype, name="mlp")(h)
@@ -200,10 +223,23 @@ class DiT(nn.Module):
   cfg: DiTConfig
 
   @nn.compact
-  def __call__(self, x_bld, t_b, context_bsd, context_mask_bs=None, x_mask_bl=None):
+  def __call__(self, x_bld, t_b, context_bsd, context_mask_bs=None, x_mask_bl=None, r_b=None, context_kv=None):
+    """`r_b` (mean_flow only): the interval's start on 0..1000 (None: r = t, the instantaneous velocity);
+    `context_kv`: what `context_kv` returned for this context; `x_bld=None` returns that instead."""
     cfg = self.cfg
     dtype = as_dtype(cfg.dtype)
     d = cfg.hidden_size
+    block = Block if cfg.remat == "none" else nn.remat(Block, policy=REMAT_POLICIES[cfg.remat])
+    names = [f"in_blocks_{i}" for i in range(cfg.depth // 2)] + ["mid_block"] + [
+        f"out_blocks_{i}" for i in range(cfg.depth // 2)]
+    blocks = [block(cfg, name.startswith("out"), name=name) for name in names]
+    if context_kv is None:
+      ctx = self.slot_projection(context_bsd) if cfg.context_slots else context_bsd
+      ctx = Dense(d, ("embed", "mlp"), dtype=dtype, name="context_embed_1")(ctx)
+      ctx = Dense(d, ("mlp", "embed"), dtype=dtype, name="context_embed_2")(jax.nn.silu(ctx))
+      context_kv = [blk(None, None, None, ctx, None, None, None) for blk in blocks]
+    if x_bld is None:
+      return context_kv
     b, length = x_bld.shape[:2]
     t_b = jnp.broadcast_to(jnp.asarray(t_b, jnp.float32), (b,))
 
@@ -217,6 +253,9 @@ class DiT(nn.Module):
     temb = timestep_embedding(t_b, cfg.time_freq_dim)
     temb = Dense(d, (None, "embed"), dtype=dtype, name="time_embed_1")(temb)
     temb = Dense(d, ("embed", "mlp"), dtype=dtype, name="time_embed_2")(jax.nn.silu(temb))
+    if cfg.mean_flow:
+      r_b = t_b if r_b is None else jnp.broadcast_to(jnp.asarray(r_b, jnp.float32), (b,))
+      temb = temb + self.interval_embedding(t_b - r_b)
     if cfg.pooled_context:
       temb = temb + self.pooled_context_embedding(context_bsd, context_mask_bs)
     temb = jax.nn.silu(temb)
@@ -224,20 +263,12 @@ class DiT(nn.Module):
     time_ada_final = Dense(2 * d, ("embed", "mlp"), dtype=dtype, kernel_init=zeros,
                            name="time_ada_final")(temb)
 
-    if cfg.context_slots:
-      context_bsd = self.slot_projection(context_bsd)
-    ctx = Dense(d, ("embed", "mlp"), dtype=dtype, name="context_embed_1")(context_bsd)
-    ctx = Dense(d, ("mlp", "embed"), dtype=dtype, name="context_embed_2")(jax.nn.silu(ctx))
-
-    block = Block if cfg.remat == "none" else nn.remat(Block, policy=REMAT_POLICIES[cfg.remat])
-    args = (temb, time_ada, ctx)
     skips = []
-    for i in range(cfg.depth // 2):
-      x = block(cfg, False, name=f"in_blocks_{i}")(x, *args, None, token_mask, context_mask_bs)
-      skips.append(x)
-    x = block(cfg, False, name="mid_block")(x, *args, None, token_mask, context_mask_bs)
-    for i in range(cfg.depth // 2):
-      x = block(cfg, True, name=f"out_blocks_{i}")(x, *args, skips.pop(), token_mask, context_mask_bs)
+    for blk, kv in zip(blocks, context_kv):
+      skip = skips.pop() if blk.has_skip else None
+      x = blk(x, temb, time_ada, None, skip, token_mask, context_mask_bs, kv)
+      if blk.name.startswith("in"):
+        skips.append(x)
 
     shift, scale = time_ada_final[:, :d], time_ada_final[:, d:]
     x = modulate(LayerNorm(cfg.layer_norm_eps, name="final_norm")(x), shift, scale)
@@ -248,6 +279,18 @@ class DiT(nn.Module):
       # the identity on unpadded batches.
       x = jnp.where(x_mask_bl[..., None].astype(bool), x, 0.0)
     return FinalConv(cfg.dtype, name="final_conv")(x)
+
+  def context_kv(self, context_bsd, context_mask_bs=None):
+    """Every block's cross-attention (k, v) of the context, each (B, S, H, Dh): constant over a sampler's steps."""
+    return self(None, None, context_bsd, context_mask_bs)
+
+  def interval_embedding(self, dt_b):
+    """mean_flow: the timestep embedding of t - r -> Linear -> SiLU -> Linear (zero-initialised) -> (B, D)."""
+    dtype = as_dtype(self.cfg.dtype)
+    d = self.cfg.hidden_size
+    h = Dense(d, (None, "embed"), dtype=dtype, name="interval_embed_1")(
+        timestep_embedding(dt_b, self.cfg.time_freq_dim))
+    return Dense(d, ("embed", "mlp"), dtype=dtype, kernel_init=zeros, name="interval_embed_2")(jax.nn.silu(h))
 
   def slot_projection(self, context_bsd):
     """`context_slots`: token s of the context times its own (Dc, Dc) matrix -> (B, S, Dc)."""
@@ -308,3 +351,19 @@ class FinalConv(nn.Module):
 def velocity_fn(cfg: DiTConfig):
   """`DiT(cfg).apply`, one object per config: jitted samplers keyed on it compile once per config."""
   return DiT(cfg).apply
+
+
+@functools.lru_cache(maxsize=None)
+def sampler_fns(cfg: DiTConfig):
+  """(prepare_context, velocity) for `flow.sample` / `flow.mean_flow_sample`, one pair per config: the context's
+  cross-attention K/V computed once per sample, then every step's DiT pass reads them."""
+  model = DiT(cfg)
+
+  def prepare_context(variables, context_bsd, context_mask_bs):
+    return context_bsd, model.apply(variables, context_bsd, context_mask_bs, method="context_kv")
+
+  def velocity(variables, x_bld, t_b, context, context_mask_bs, x_mask_bl, **kw):
+    context_bsd, kv = context
+    return model.apply(variables, x_bld, t_b, context_bsd, context_mask_bs, x_mask_bl, context_kv=kv, **kw)
+
+  return prepare_context, velocity

@@ -1,4 +1,4 @@
-"""Train one stage (vae, tta, stage1, stage2) from a config; resumes from the workdir's checkpoints.
+"""Train one stage (vae, tta, stage1, stage2, meanflow) from a config; resumes from the workdir's checkpoints.
 
   star-jax train --config configs/star.py:tiny --stage stage2 --workdir outputs/tiny/stage2 \\
       --set stage2.init_dit=outputs/tiny/tta --set stage2.init_bridge=outputs/tiny/stage1
@@ -14,11 +14,12 @@ import logging
 import sys
 
 from star_jax import distributed
+from star_jax.constants import STAGES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--config", default="configs/star.py:tiny", help="FILE.py:VARIANT (default: %(default)s)")
-  p.add_argument("--stage", required=True, choices=("vae", "tta", "stage1", "stage2"))
+  p.add_argument("--stage", required=True, choices=STAGES)
   p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard files go here")
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config value, e.g. --set stage2.lr=1e-4 (repeatable)")

@@ -21,6 +21,7 @@ STAGES = {
     "tta": ("star_jax.train.tta", "tta"),
     "stage1": ("star_jax.train.stage1", "stage1"),
     "stage2": ("star_jax.train.stage2", "stage2"),
+    "meanflow": ("star_jax.train.meanflow", "meanflow"),
 }
 
 
