@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -113,26 +114,39 @@ class Generator:
       batch[i, :len(s)], mask[i, :len(s)] = s, True
     return self._tokens(self.params, batch, mask)
 
-  def sample(self, tokens, seconds: float, *, steps: int | None = None, cfg_scale: float | None = None,
-             sway: float | None = None, seed: int = 0) -> np.ndarray:
-    """Bridge tokens (B, Q, D) -> waveforms (B, round(seconds * rate)) at the VAE rate, float32."""
+  def latents(self, tokens, seconds: float, *, steps: int | None = None, cfg_scale: float | None = None,
+              sway: float | None = None, seed: int | Sequence[int] = 0):
+    """Bridge tokens (B, Q, D) -> latents (B, L, C) in the VAE's space for `seconds` of audio. `seed` is one int
+    for the batch, or one per row: row i then starts from the noise a batch of one with seed[i] starts from."""
     import jax
+    import jax.numpy as jnp
 
     from star_jax import flow
 
     f = self.cfg.flow
-    num_samples = int(round(seconds * self.sample_rate_hz))
-    frames = math.ceil(num_samples / self.hop)
-    noise = jax.random.normal(jax.random.PRNGKey(seed), (tokens.shape[0], frames, int(self.cfg.vae.latent_channels)))
+    frames = math.ceil(int(round(seconds * self.sample_rate_hz)) / self.hop)
+    shape = (frames, int(self.cfg.vae.latent_channels))
+    if isinstance(seed, int):
+      noise = jax.random.normal(jax.random.PRNGKey(seed), (tokens.shape[0], *shape))
+    else:
+      noise = jnp.concatenate([jax.random.normal(jax.random.PRNGKey(s), (1, *shape)) for s in seed])
     latents = flow.sample(self.dit.apply, {"params": self.params["dit"]}, noise, tokens,
                           num_steps=int(steps or f.num_steps),
                           cfg_scale=float(f.cfg_scale if cfg_scale is None else cfg_scale),
                           sway_coef=float(f.sway_coef if sway is None else sway))
-    latents = latents / self.latent_scale  # the DiT's space -> the VAE's
+    return latents / self.latent_scale  # the DiT's space -> the VAE's
+
+  def decode(self, latents, seconds: float) -> np.ndarray:
+    """Latents (B, L, C) from `latents` -> waveforms (B, round(seconds * rate)) at the VAE rate, float32."""
+    num_samples = int(round(seconds * self.sample_rate_hz))
     wav = np.asarray(self._decode(self.params["vae"], latents), np.float32)
     if wav.shape[1] < num_samples:
       wav = np.pad(wav, ((0, 0), (0, num_samples - wav.shape[1])))
     return wav[:, :num_samples]
+
+  def sample(self, tokens, seconds: float, **kw) -> np.ndarray:
+    """Bridge tokens (B, Q, D) -> waveforms (B, round(seconds * rate)) at the VAE rate, float32; `kw` as `latents`."""
+    return self.decode(self.latents(tokens, seconds, **kw), seconds)
 
   def reconstruct(self, audio_bt: np.ndarray) -> np.ndarray:
     """Audio (B, T) at the VAE rate -> decode(posterior mean of encode): what the VAE alone keeps."""
