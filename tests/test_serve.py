@@ -58,14 +58,14 @@ def bundle(tmp_path_factory):
 class Server:
   """An app under uvicorn in a thread of this process, ready (model compiled) when constructed."""
 
-  def __init__(self, app, batcher):
+  def __init__(self, app, batcher, wait_ready: bool = True):
     self.batcher, self.port = batcher, portpicker.pick_unused_port()
     self.url = f"http://127.0.0.1:{self.port}"
     self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
     self._thread = threading.Thread(target=self._server.run, daemon=True)
     self._thread.start()
     deadline = time.time() + 600
-    while not (self._server.started and batcher.ready):
+    while not (self._server.started and (batcher.ready or not wait_ready)):
       assert time.time() < deadline and not batcher.state.startswith("failed"), batcher.state
       time.sleep(0.2)
 
@@ -153,6 +153,27 @@ def _alone(server, upload: bytes, *, seconds, seed, cfg):
   """What the server's model gives for this upload alone, called directly (as `star-jax generate` does)."""
   from star_jax.serve.app import _read_upload
   return server.batcher.gen([_read_upload(upload, "q.wav", 60.0)], seconds, cfg_scale=cfg, seed=seed)[0]
+
+
+def test_requests_wait_for_the_model_with_503_while_it_loads(server):
+  """Until the model is loaded and compiled, the page and /api/health answer and say so; generate is a 503."""
+  loaded = threading.Event()
+  batcher = Batcher(lambda: loaded.wait(60) and server.batcher.gen, max_batch=1)
+  s = Server(create_app(batcher, Limits()), batcher, wait_ready=False)
+  try:
+    assert s.health()["status"] == "loading" and not s.health()["model_loaded"]
+    assert httpx.get(s.url + "/").status_code == 200 and httpx.get(s.url + "/static/app.js").status_code == 200
+    r = _post(s.url, _wav())
+    assert r.status_code == 503 and r.headers["retry-after"] == "5" and "loading" in r.json()["error"]
+    loaded.set()
+    deadline = time.time() + 120
+    while not s.health()["ready"]:
+      assert time.time() < deadline
+      time.sleep(0.1)
+    assert _post(s.url, _wav()).status_code == 200
+  finally:
+    loaded.set()
+    s.stop()
 
 
 def test_full_queue_gets_503_with_retry_after(server, monkeypatch):
