@@ -126,10 +126,10 @@ class Generator:
     f = self.cfg.flow
     frames = math.ceil(int(round(seconds * self.sample_rate_hz)) / self.hop)
     shape = (frames, int(self.cfg.vae.latent_channels))
-    if isinstance(seed, int):
-      noise = jax.random.normal(jax.random.PRNGKey(seed), (tokens.shape[0], *shape))
+    if np.ndim(seed) == 0:
+      noise = jax.random.normal(jax.random.PRNGKey(int(seed)), (tokens.shape[0], *shape))
     else:
-      noise = jnp.concatenate([jax.random.normal(jax.random.PRNGKey(s), (1, *shape)) for s in seed])
+      noise = jnp.concatenate([jax.random.normal(jax.random.PRNGKey(int(s)), (1, *shape)) for s in seed])
     latents = flow.sample(self.dit.apply, {"params": self.params["dit"]}, noise, tokens,
                           num_steps=int(steps or f.num_steps),
                           cfg_scale=float(f.cfg_scale if cfg_scale is None else cfg_scale),

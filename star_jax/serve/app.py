@@ -125,6 +125,7 @@ def create_app(batcher: Batcher, limits: Limits = Limits()) -> Starlette:
   async def generate(request: Request) -> Response:
     if not batcher.ready:
       return _error(503, f"the model is {batcher.state}; try again shortly", retry_after="5")
+    form = None
     try:
       form = await _read_form(request, limits.max_upload_bytes)
       upload = form.get("speech")
@@ -140,6 +141,9 @@ def create_app(batcher: Batcher, limits: Limits = Limits()) -> Starlette:
       return _error(400, f"malformed form: {e.message}")
     except UserError as e:
       return _error(400, str(e))
+    finally:
+      if form is not None:
+        await form.close()  # the upload's spooled temp file
     try:
       future = batcher.submit(speech, options)
     except QueueFull as e:

@@ -130,7 +130,8 @@ class Batcher:
       self.state = f"failed: {e}"
       return
     while not self._stop.is_set():
-      jobs = self._take()
+      # A request whose client went away was cancelled; the rest can no longer be.
+      jobs = [job for job in self._take() if job.future.set_running_or_notify_cancel()]
       groups: dict[tuple, list[_Job]] = {}
       for job in jobs:
         groups.setdefault(job.options.group(), []).append(job)
