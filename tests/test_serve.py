@@ -290,6 +290,12 @@ def test_browser_records_from_a_fake_microphone_and_plays_the_sound(server, tmp_
     time.sleep(0.5)  # the spectrogram is drawn after the player gets its source
     shot = tmp_path / "page.png"
     driver.save_screenshot(str(shot))
+
+    seconds.clear()
+    seconds.send_keys("999")  # the server's check and words, not the browser's
+    driver.find_element(By.ID, "generate").click()
+    wait.until(lambda d: d.find_element(By.ID, "error").is_displayed())
+    assert driver.find_element(By.ID, "error").text == "seconds 999: choose a value above 0 up to 5 s"
   finally:
     driver.quit()
   png = shot.read_bytes()
