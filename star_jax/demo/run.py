@@ -217,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
   with open(os.path.join(out_dir, "report.md"), "w") as f:
     f.write(report_md(report, queries, pngs, out_dir))
   _say(f"done in {timings['total_s'] / 60:.1f} min: {os.path.join(out_dir, 'report.md')}")
+  _say(f"speak to it: star-jax serve --ckpt {bundle}   (then open http://127.0.0.1:8000/)")
   return 0
 
 

@@ -22,6 +22,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from star_jax.constants import SPEECH_RATE_HZ
+
 log = logging.getLogger("star_jax.serve")
 
 
@@ -145,8 +147,6 @@ class Batcher:
 
   def _warm_up(self) -> None:
     """Compile every batch size for the default options and speech as long as the training window (or 1 s)."""
-    from star_jax.generate import SPEECH_RATE_HZ
-
     seconds = max(1.0, float(self.gen.cfg.data.get("speech_duration_s", 0.0)))
     speech = np.random.default_rng(0).uniform(-0.1, 0.1, int(seconds * SPEECH_RATE_HZ)).astype(np.float32)
     for size in self._compiled_sizes():
