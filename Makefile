@@ -12,10 +12,10 @@ PYTEST_ARGS ?= -n 2 --dist loadfile --timeout 1200
 setup: system-deps $(STAMP)
 
 # Debian packages for offline TTS (espeak-ng), audio tools (sox), the built-in corpus (openttd-opensfx) and the
-# listening page's browser test (chromium, chromium-driver).
+# headless browser of the page tests (chromium, chromium-driver).
 system-deps:
-	@if command -v espeak-ng >/dev/null && command -v sox >/dev/null && command -v chromedriver >/dev/null \
-	  && [ -f $(OPENSFX) ]; then :; \
+	@if command -v espeak-ng >/dev/null && command -v sox >/dev/null && [ -f $(OPENSFX) ] \
+	    && command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PKGS) >/dev/null; \
 	else \
@@ -25,7 +25,7 @@ system-deps:
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[torch,test,demo]'
+	$(BIN)/pip install -q -e '.[torch,test,demo,serve]'
 	touch $(STAMP)
 
 demo: setup

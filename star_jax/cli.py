@@ -19,6 +19,7 @@ COMMANDS = {
     "prepare": ("star_jax.data.prepare_cli", "build TFDS datasets (audiocaps, opensfx) and feature caches (cache)"),
     "train": ("star_jax.train.cli", "train one stage (vae, tta, stage1, stage2, meanflow) from a config"),
     "generate": ("star_jax.generate", "speech wav(s) in, generated audio wav(s) out"),
+    "serve": ("star_jax.serve", "a web page and HTTP API: speak, hear the generated sound"),
     "export": ("star_jax.export", "write an inference bundle from training checkpoints"),
     "convert": ("star_jax.convert.cli", "convert PyTorch/HF checkpoints to orbax (hubert, qformer, vae, dit)"),
     "evaluate": ("star_jax.metrics.cli", "score generated audio against references (FAD, FD, KL, IS, CLAP)"),

@@ -234,6 +234,7 @@ def run(args: argparse.Namespace) -> int:
   page.write_page(out_dir, examples, markdown)
   _say(f"done in {timings['total_s'] / 60:.1f} min: {os.path.join(out_dir, 'report.md')}; listen: "
        f"{os.path.join(out_dir, 'report.html')}")
+  _say(f"speak to it: star-jax serve --ckpt {bundle}   (then open http://127.0.0.1:8000/)")
   return 0
 
 
