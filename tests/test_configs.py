@@ -60,7 +60,7 @@ def test_overrides_and_errors():
     load_config("configs/star.py:huge")
   with pytest.raises(UserError, match="does not exist"):
     load_config("configs/nope.py:tiny")
-  with pytest.raises(UserError, match="dit.latent_channels=16 but vae.latent_channels=32"):
+  with pytest.raises(UserError, match="dit.latent_channels=64 but vae.latent_channels=32"):
     load_config("configs/star.py:tiny", ["vae.latent_channels=32"])
   cfg = load_config("configs/star.py:tiny", ["vae.latent_channels=32", "dit.latent_channels=32"])
   assert cfg.vae.latent_channels == cfg.dit.latent_channels == 32
