@@ -54,12 +54,12 @@ def load_params(directory: str, sharding: Any = None) -> tuple[Any, dict]:
   meta_path = directory / "config.json"
   meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"kind": "", "config": None}
   with ocp.StandardCheckpointer() as ckptr:
-    if sharding is None:
-      params = ckptr.restore(target)
-    else:
-      abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                              ckptr.metadata(target).item_metadata.tree, sharding)
-      params = ckptr.restore(target, abstract)
+    saved = ckptr.metadata(target).item_metadata.tree
+    if sharding is None:  # onto this process's first device, whatever mesh or process count wrote it
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      sharding = jax.tree.map(lambda _: device, saved)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), saved, sharding)
+    params = ckptr.restore(target, abstract)
   return params, meta
 
 
@@ -79,6 +79,26 @@ def load_frozen(workdir: Any, shardings: Any) -> Any:
     raise UserError(f"'{directory}' is missing: the run's frozen sub-models are written there once and its "
                     f"checkpoints do not hold them; start the run again in a new workdir")
   return load_params(directory, shardings)[0]
+
+
+def mutable_frozen(frozen: Any) -> Any:
+  """The parts of the frozen tree that a step updates (BatchNorm running statistics, `batch_stats`, of an MLP
+  bridge in stage 1): train state, so checkpoints and `best/` keep them; None when there are none."""
+  if not isinstance(frozen, dict):
+    return None
+  out = {}
+  for k, v in frozen.items():
+    sub = v if k == "batch_stats" else mutable_frozen(v)
+    if sub is not None:
+      out[k] = sub
+  return out or None
+
+
+def overlay(base: Any, top: Any) -> Any:
+  """`base` with the leaves of the nested dict `top` put over it (the frozen tree and its mutable parts)."""
+  if not isinstance(top, dict) or not isinstance(base, dict):
+    return base if top is None else top
+  return {**base, **{k: overlay(base.get(k), v) for k, v in top.items()}}
 
 
 def abstract_tree(shapes: Any, shardings: Any) -> Any:

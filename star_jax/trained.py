@@ -59,10 +59,10 @@ def _resolve(path: str):
 
 
 def _with_frozen(state: dict, workdir) -> dict:
-  """A train state as checkpoints and best/ hold it lacks the frozen sub-models: the run wrote them once to
-  `workdir/frozen` (checkpoint.save_frozen)."""
-  if not state.get("frozen") and (workdir / "frozen" / "params").is_dir():
-    state = {**state, "frozen": checkpoint.load_params(workdir / "frozen")[0]}
+  """A train state as checkpoints and best/ hold it lacks the frozen sub-models but their updated statistics: the
+  run wrote them once to `workdir/frozen` (checkpoint.save_frozen)."""
+  if (workdir / "frozen" / "params").is_dir():  # under what they hold of it (BatchNorm statistics)
+    state = {**state, "frozen": checkpoint.overlay(checkpoint.load_params(workdir / "frozen")[0], state.get("frozen"))}
   return state
 
 

@@ -201,8 +201,10 @@ def test_meanflow_stage_trains_from_a_stage2_workdir_and_generates_in_one_step(t
   wav = gen.sample(tokens, 0.32, steps=2, seed=4)
   noise = jax.random.normal(jax.random.PRNGKey(4), (1, wav.shape[1] // gen.hop, int(cfg.vae.latent_channels)))
   latents = flow.mean_flow_sample(gen.dit.apply, {"params": gen.params["dit"]}, noise, tokens, num_steps=2)
-  want = np.asarray(gen._decode(gen.params["vae"], latents / float(cfg.flow.latent_scale)))
-  np.testing.assert_allclose(wav, want[:, :wav.shape[1]], atol=1e-5)
+  want = np.asarray(gen._decode(gen.vae_params, latents / float(cfg.flow.latent_scale)))
+  # One program (loop + decode) against the two run apart: fusion moves the last bits, the Griffin-Lim of the
+  # tiny mel codec grows them.
+  np.testing.assert_allclose(wav, want[:, :wav.shape[1]], atol=1e-2 * np.abs(want).max())
 
   speech = tmp_path / "q.wav"
   sf.write(str(speech), 0.3 * np.sin(np.linspace(0, 900, 16000)).astype(np.float32), 16000)

@@ -150,9 +150,12 @@ def test_multichannel_96k_input_gets_the_wav_a_lone_generate_gives(server):
 
 
 def _alone(server, upload: bytes, *, seconds, seed, cfg):
-  """What the server's model gives for this upload alone, called directly (as `star-jax generate` does)."""
+  """What the server's model gives for this upload alone, called directly through the same two programs the
+  server times apart (`latents`, then `decode`; `sample` fuses them, which moves the last bits)."""
   from star_jax.serve.app import _read_upload
-  return server.batcher.gen([_read_upload(upload, "q.wav", 60.0)], seconds, cfg_scale=cfg, seed=seed)[0]
+  gen = server.batcher.gen
+  tokens = gen.tokens([_read_upload(upload, "q.wav", 60.0)])
+  return gen.decode(gen.latents(tokens, seconds, cfg_scale=cfg, seed=seed), seconds)[0]
 
 
 def test_requests_wait_for_the_model_with_503_while_it_loads(server):
@@ -238,7 +241,10 @@ def test_load_32_concurrent_requests_are_all_answered_in_batches(server, capsys)
 
   for i in (0, 13, 31):
     want = _alone(server, uploads[i], seconds=1.0, seed=100 + i, cfg=None)
-    np.testing.assert_allclose(wavs[i], np.clip(want, -1, 1), atol=2 / 32767)
+    # A batch of 4 rounds differently from a batch of 1, and the tiny mel codec's Griffin-Lim (momentum 0.99)
+    # grows that to ~1e-2 at a few samples; a row that took another row's noise or tokens would not correlate.
+    assert np.corrcoef(wavs[i], np.clip(want, -1, 1))[0, 1] > 0.99
+    assert np.mean(np.abs(wavs[i] - np.clip(want, -1, 1))) < 1e-3
 
   latency = np.array([t for _, _, t in answers])
   sizes = {k: n - before["batch_sizes"].get(k, 0) for k, n in after["batch_sizes"].items()

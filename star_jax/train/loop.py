@@ -139,8 +139,9 @@ def train(cfg: Any, stage: Stage, workdir: str, data: Data, *, mesh: jax.shardin
   ckpt = checkpoint.TrainCheckpointer(workdir / "checkpoints", keep=int(tc.keep_checkpoints))
   meta: dict = {}
   if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(abstract_state.replace(frozen=None), train_iter)
-    state = state.replace(frozen=checkpoint.load_frozen(workdir, shardings.frozen))
+    state, meta = ckpt.restore(
+        abstract_state.replace(frozen=checkpoint.mutable_frozen(abstract_state.frozen)), train_iter)
+    state = state.replace(frozen=checkpoint.overlay(checkpoint.load_frozen(workdir, shardings.frozen), state.frozen))
     log.info("%s: resumed from step %d in %s", stage.name, ckpt.latest_step(), ckpt.directory)
   else:
     state = state_lib.init_state(stage.init, tx, mesh, rules, init_rng, shardings)
@@ -236,7 +237,9 @@ def train(cfg: Any, stage: Stage, workdir: str, data: Data, *, mesh: jax.shardin
           if best is None or result["score"] > best["score"]:
             best, evals_since_best = {**result, "step": done}, 0
             if keep_best:
-              checkpoint.save_params(workdir / "best", {"params": state.params}, cfg, kind=stage.name)
+              mutable = checkpoint.mutable_frozen(state.frozen)
+              best_tree = {"params": state.params, **({"frozen": mutable} if mutable else {})}
+              checkpoint.save_params(workdir / "best", best_tree, cfg, kind=stage.name)
           else:
             evals_since_best += 1
           bar.write(f"{stage.name} epoch {done // steps_per_epoch}: "
@@ -247,7 +250,8 @@ def train(cfg: Any, stage: Stage, workdir: str, data: Data, *, mesh: jax.shardin
           status = "preempted"
           bar.write(f"{stage.name}: {preempted}: saving step {done} and exiting")
         if save or status != "done":
-          ckpt.save(done, state.replace(frozen=None), train_iter, meta_now(), force=True)
+          ckpt.save(done, state.replace(frozen=checkpoint.mutable_frozen(state.frozen)), train_iter, meta_now(),
+                    force=True)
         if status != "done":
           break
   except jax.errors.JaxRuntimeError as e:

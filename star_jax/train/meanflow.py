@@ -55,7 +55,7 @@ def build(cfg, data=None) -> Stage:
         "params": {"dit": dit.init(r_dit, latents, jnp.zeros((1,)), jnp.zeros((1, q, width)))["params"]},
         "frozen": {"hubert": hubert.init(r_hub, jnp.zeros((1, 4000)))["params"],
                    "bridge": build_lib.init_bridge(cfg, bridge, r_bridge),
-                   "vae": vae.init(r_vae, jnp.zeros((1, 4 * build_lib.vae_hop(cfg))))["params"]},
+                   "vae": vae.init(r_vae, jnp.zeros((1, 4 * build_lib.vae_hop(cfg)))).get("params", {})},  # mel codec: none
     }
 
   def loss(params, frozen, batch, rng):
@@ -72,7 +72,8 @@ def build(cfg, data=None) -> Stage:
     if not hp.init_stage2:
       raise UserError("meanflow: set meanflow.init_stage2 to the stage-2 workdir it fine-tunes")
     parts, _ = trained.load_trained(hp.init_stage2)
-    missing = [n for n in ("hubert", "bridge", "dit", "vae") if n not in parts]
+    needed = ("hubert", "bridge", "dit") + (("vae",) if build_lib.vae_trained(cfg) else ())  # mel codec: none
+    missing = [n for n in needed if n not in parts]
     if missing:
       raise UserError(f"meanflow.init_stage2 '{hp.init_stage2}' lacks {missing}; give a stage-2 workdir")
     params, frozen = dict(state.params), dict(state.frozen)
@@ -82,8 +83,9 @@ def build(cfg, data=None) -> Stage:
     else:
       dit_params = {**parts["dit"], **{k: v for k, v in fresh.items() if k.startswith("interval_embed")}}
     params["dit"] = trained.put_like(dit_params, fresh, "meanflow.init_stage2 (DiT)")
-    for name in ("hubert", "bridge", "vae"):
-      frozen[name] = trained.put_like(parts[name], frozen[name], f"meanflow.init_stage2 ({name})")
+    for name in needed:
+      if name != "dit":
+        frozen[name] = trained.put_like(parts[name], frozen[name], f"meanflow.init_stage2 ({name})")
     state = state.replace(params=params, frozen=frozen)
     if state.ema is not None:
       state = state.replace(ema=jax.tree.map(lambda p, e: jax.device_put(p, e.sharding), params, state.ema))
