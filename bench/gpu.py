@@ -65,8 +65,7 @@ def generation_table(args, cfg) -> None:
   tokens = jax.random.normal(jax.random.key(1), (1, q, width))
   noise = jax.random.normal(jax.random.key(2), (1, frames, int(cfg.vae.latent_channels)))
   vae = build.vae(cfg)
-  vae_params = jax.jit(lambda k: nn.unbox(vae.init(k, jnp.zeros((1, 8 * build.vae_hop(cfg))))).get("params", {}))(
-      jax.random.key(3))
+  vae_params = jax.jit(lambda k: nn.unbox(build.init_vae(cfg, k)).get("vae", {}))(jax.random.key(3))
   rows = []
   for mean_flow, steps, guided in ((False, int(cfg.flow.num_steps), True), (True, 1, False), (True, 2, False)):
     dit = DiT(dataclasses.replace(build.dit_config(cfg), mean_flow=mean_flow))

@@ -95,7 +95,8 @@ def mutable_frozen(frozen: Any) -> Any:
 
 
 def overlay(base: Any, top: Any) -> Any:
-  """`base` with the leaves of the nested dict `top` put over it (the frozen tree and its mutable parts)."""
+  """`base` with the nested dict `top` put over it key by key (None: nothing to put): the frozen tree under its
+  saved statistics, a train state's params over its frozen parts, a step's updates to the frozen tree."""
   if not isinstance(top, dict) or not isinstance(base, dict):
     return base if top is None else top
   return {**base, **{k: overlay(base.get(k), v) for k, v in top.items()}}

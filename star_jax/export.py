@@ -63,13 +63,6 @@ def read_run_config(workdir: str):
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def is_star_jax(path: str) -> bool:
-  """A train workdir (checkpoints/ or best/) or a params checkpoint written by star-jax, local or at a URL."""
-  from star_jax import paths
-  root = paths.run_path(path)
-  return any(paths.isdir(root.joinpath(*sub)) for sub in (("params",), ("checkpoints",), ("best", "params")))
-
-
 def _from_star_jax(path: str, name: str) -> tuple[dict, object, float | None]:
   """A star-jax workdir or converted checkpoint -> (config sections, params, latent scale or None)."""
   from star_jax import trained
@@ -92,12 +85,12 @@ def load_component(name: str, path: str, args: argparse.Namespace, dtype: str = 
   """One component from any source `export` accepts -> (config sections, params, extras); a converted one computes
   in `dtype`. extras may hold `latent_scale` (DiT) and `bridge_projection` (a STAR stage-2 DiT checkpoint's
   trained bridge projection)."""
+  from star_jax import paths, trained
   from star_jax.convert import dit, hubert, qformer, vae
 
-  from star_jax import paths
   if not paths.exists(path):
     raise UserError(f"--{name} '{path}' does not exist")
-  if is_star_jax(path):
+  if trained.is_trained(path):
     sections, params, scale = _from_star_jax(path, name)
     return sections, params, {} if scale is None else {"latent_scale": scale}
   overrides = {"dtype": dtype}
@@ -184,7 +177,7 @@ def export_bundle(source: str | None, out: str, overrides: dict[str, str] | None
   if missing:
     raise UserError(f"{'--from ' + repr(source) + ' lacks' if source else 'missing'} {missing}: pass "
                     + " ".join(f"--{n} PATH" for n in missing))
-  if projection is not None and overrides.get("bridge") and not is_star_jax(overrides["bridge"]):
+  if projection is not None and overrides.get("bridge") and not trained.is_trained(overrides["bridge"]):
     parts["bridge"] = dict(parts["bridge"], projection=projection)
   _check_fits(cfg)
   return save_params(out, {n: parts[n] for n in needed}, cfg, kind="bundle")

@@ -40,6 +40,12 @@ def load_trained(path: str) -> tuple[dict, str]:
                   f"checkpoint; give the workdir of the stage that trained it")
 
 
+def is_trained(path: str) -> bool:
+  """Whether `load_trained` reads `path`: a train workdir, a `best/`, a bundle or a params checkpoint of ours."""
+  path = _resolve(path)
+  return (path / "params").is_dir() or (path / "checkpoints").is_dir()
+
+
 def trained_config(path: str) -> dict | None:
   """The config saved with what `load_trained(path)` reads (a params checkpoint's `config`, or the config.json
   a train workdir holds), as a dict; None when there is none."""
@@ -70,15 +76,8 @@ def _merge(state: dict) -> dict:
   """frozen, then params, then the EMA, merged key by key (stage 2 splits the bridge across trees)."""
   merged: dict = {}
   for part in ("frozen", "params", "ema"):
-    merged = _deep_merge(merged, state.get(part) or {})
+    merged = checkpoint.overlay(merged, state.get(part) or {})
   return merged
-
-
-def _deep_merge(a: dict, b: dict) -> dict:
-  out = dict(a)
-  for k, v in b.items():
-    out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-  return out
 
 
 def component(path: str, name: str) -> Any:

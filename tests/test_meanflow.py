@@ -189,7 +189,7 @@ def test_meanflow_stage_trains_from_a_stage2_workdir_and_generates_in_one_step(t
   moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                        {k: parts["dit"][k] for k in start}, start)
   assert 0 < max(jax.tree.leaves(moved)) < 0.1  # the stage-2 DiT, fine-tuned (3 steps of lr 3e-3)
-  for name in ("hubert", "bridge", "vae"):  # frozen
+  for name in tree["frozen"]:  # frozen: hubert, the bridge body, the VAE when the codec has params
     same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), parts[name],
                         {**tree["frozen"].get(name, {}), **tree["params"].get(name, {})})
     assert all(jax.tree.leaves(same)), name

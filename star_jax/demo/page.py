@@ -24,13 +24,12 @@ def pick(num_items: int, count: int, seed: int = 0) -> np.ndarray:
 
 def spectrogram_png(path: str, wav: np.ndarray, rate_hz: int) -> None:
   """A log-mel image of one clip (64 bands, 80 dB range, low frequencies at the bottom)."""
-  import librosa
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  mel = librosa.feature.melspectrogram(y=np.asarray(wav, np.float32), sr=rate_hz, n_fft=1024,
-                                       hop_length=max(1, rate_hz // 100), n_mels=64)
-  db = librosa.power_to_db(mel, ref=1.0, top_db=80.0)
+
+  from star_jax.demo.report import log_mel_db
+  db = log_mel_db(wav, rate_hz, hop=max(1, rate_hz // 100))
   image = np.repeat(np.repeat(db[::-1], 2, axis=0), 2, axis=1)  # 128 px high, 2 px per 10 ms
   plt.imsave(path, image, cmap="magma", vmin=-80.0, vmax=max(float(db.max()), -40.0))
 

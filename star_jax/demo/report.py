@@ -7,16 +7,22 @@ import os
 import numpy as np
 
 
+def log_mel_db(wav: np.ndarray, rate_hz: int, hop: int) -> np.ndarray:
+  """What the demo's images show: a 64-band mel power spectrogram (n_fft 1024) in dB, 80 dB range -> (64, frames)."""
+  import librosa
+  mel = librosa.feature.melspectrogram(y=np.asarray(wav, np.float32), sr=rate_hz, n_fft=1024, hop_length=hop,
+                                       n_mels=64)
+  return librosa.power_to_db(mel, ref=1.0, top_db=80.0)
+
+
 def spectrogram_png(path: str, real: np.ndarray, generated: np.ndarray, baseline: np.ndarray, rate_hz: int,
                      title: str) -> None:
-  import librosa
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), sharey=True)
   for ax, wav, name in zip(axes, (real, generated, baseline), ("real clip", "generated", "zero condition")):
-    mel = librosa.power_to_db(librosa.feature.melspectrogram(y=wav, sr=rate_hz, n_fft=1024, hop_length=128,
-                                                             n_mels=64), ref=1.0, top_db=80)
+    mel = log_mel_db(wav, rate_hz, hop=128)
     ax.imshow(mel, origin="lower", aspect="auto", cmap="magma", vmin=-80, vmax=max(mel.max(), -40))
     ax.set_title(name)
     ax.set_xlabel("frame")

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from star_jax import flow, trained
 from star_jax.errors import UserError
 from star_jax.models import build as build_lib
+from star_jax.train import state as state_lib
 from star_jax.train.stage import Stage
 
 log = logging.getLogger("star_jax.train")
@@ -43,7 +44,7 @@ def build(cfg, data=None) -> Stage:
   from star_jax.models.dit import DiT
 
   hp = cfg.meanflow
-  hubert, bridge, vae = build_lib.hubert(cfg), build_lib.bridge(cfg), build_lib.vae(cfg)
+  hubert, bridge = build_lib.hubert(cfg), build_lib.bridge(cfg)
   dit = DiT(dit_config(cfg))
   options = loss_options(cfg)
 
@@ -55,13 +56,13 @@ def build(cfg, data=None) -> Stage:
         "params": {"dit": dit.init(r_dit, latents, jnp.zeros((1,)), jnp.zeros((1, q, width)))["params"]},
         "frozen": {"hubert": hubert.init(r_hub, jnp.zeros((1, 4000)))["params"],
                    "bridge": build_lib.init_bridge(cfg, bridge, r_bridge),
-                   "vae": vae.init(r_vae, jnp.zeros((1, 4 * build_lib.vae_hop(cfg)))).get("params", {})},  # mel codec: none
+                   **build_lib.init_vae(cfg, r_vae)},
     }
 
   def loss(params, frozen, batch, rng):
     r_latents, r_flow = jax.random.split(rng)
     tokens = jax.lax.stop_gradient(build_lib.speech_tokens(cfg, frozen, batch, modules=(hubert, bridge)))
-    x0, x_mask = build_lib.audio_latents(cfg, frozen["vae"], batch, r_latents)
+    x0, x_mask = build_lib.audio_latents(cfg, frozen.get("vae"), batch, r_latents)
     if not hp.get("mask_padding", True):  # as stage 2: short clips' silence is generated too
       x_mask = None
     value, mse = flow.mean_flow_loss(dit.apply, {"params": params["dit"]}, x0, tokens, r_flow, x_mask_bl=x_mask,
@@ -72,8 +73,7 @@ def build(cfg, data=None) -> Stage:
     if not hp.init_stage2:
       raise UserError("meanflow: set meanflow.init_stage2 to the stage-2 workdir it fine-tunes")
     parts, _ = trained.load_trained(hp.init_stage2)
-    needed = ("hubert", "bridge", "dit") + (("vae",) if build_lib.vae_trained(cfg) else ())  # mel codec: none
-    missing = [n for n in needed if n not in parts]
+    missing = [n for n in ("dit", *state.frozen) if n not in parts]
     if missing:
       raise UserError(f"meanflow.init_stage2 '{hp.init_stage2}' lacks {missing}; give a stage-2 workdir")
     params, frozen = dict(state.params), dict(state.frozen)
@@ -83,13 +83,9 @@ def build(cfg, data=None) -> Stage:
     else:
       dit_params = {**parts["dit"], **{k: v for k, v in fresh.items() if k.startswith("interval_embed")}}
     params["dit"] = trained.put_like(dit_params, fresh, "meanflow.init_stage2 (DiT)")
-    for name in needed:
-      if name != "dit":
-        frozen[name] = trained.put_like(parts[name], frozen[name], f"meanflow.init_stage2 ({name})")
-    state = state.replace(params=params, frozen=frozen)
-    if state.ema is not None:
-      state = state.replace(ema=jax.tree.map(lambda p, e: jax.device_put(p, e.sharding), params, state.ema))
-    return state
+    for name in state.frozen:
+      frozen[name] = trained.put_like(parts[name], frozen[name], f"meanflow.init_stage2 ({name})")
+    return state_lib.with_pretrained(state, params, frozen)
 
   return Stage(name="meanflow", hparams=hp, init=init, loss=loss, load_pretrained=load_pretrained,
                batch_keys=("speech", "speech_mask", "audio", "audio_mask", "hubert", "hubert_mask",

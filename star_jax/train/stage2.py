@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from star_jax import flow, trained
 from star_jax.models import build as build_lib
+from star_jax.train import state as state_lib
 from star_jax.train.stage import Stage
 
 log = logging.getLogger("star_jax.train")
@@ -82,10 +83,7 @@ def build(cfg, data=None) -> Stage:
                                           "stage2.init_vae")
     elif build_lib.vae_trained(cfg):
       log.warning("stage2: no init_vae; the VAE is random and frozen")
-    state = state.replace(params=params, frozen=frozen)
-    if state.ema is not None:
-      state = state.replace(ema=jax.tree.map(lambda p, e: jax.device_put(p, e.sharding), params, state.ema))
-    return state
+    return state_lib.with_pretrained(state, params, frozen)
 
   return Stage(name="stage2", hparams=hp, init=init, loss=loss, load_pretrained=load_pretrained,
                batch_keys=("speech", "speech_mask", "audio", "audio_mask", "hubert", "hubert_mask",

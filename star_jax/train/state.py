@@ -17,7 +17,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from star_jax import sharding
+from star_jax import checkpoint, sharding
 from star_jax.errors import UserError
 
 # (params, frozen, batch, rng) -> (scalar loss, {name: scalar metric})
@@ -112,12 +112,12 @@ def init_state(init_fn: Callable[[jax.Array], dict], tx: optax.GradientTransform
 FROZEN_UPDATES = "frozen_updates"
 
 
-def _with_updates(tree: dict, updates: dict) -> dict:
-  """`tree` with the sub-trees `updates` names replaced (nested dicts merged key by key)."""
-  out = dict(tree)
-  for k, v in updates.items():
-    out[k] = _with_updates(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-  return out
+def with_pretrained(state: TrainState, params: Any, frozen: Any) -> TrainState:
+  """A fresh state with loaded weights: params and frozen replaced, the EMA (if kept) restarted at the params."""
+  state = state.replace(params=params, frozen=frozen)
+  if state.ema is not None:
+    state = state.replace(ema=jax.tree.map(lambda p, e: jax.device_put(p, e.sharding), params, state.ema))
+  return state
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -134,7 +134,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
     rng = jax.random.fold_in(rng, state.step)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.frozen, batch, rng)
     aux = dict(aux)
-    frozen = _with_updates(state.frozen, aux.pop(FROZEN_UPDATES, {}))
+    frozen = checkpoint.overlay(state.frozen, aux.pop(FROZEN_UPDATES, None))
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -9,17 +9,14 @@ import jax.numpy as jnp
 
 from star_jax.errors import UserError
 from star_jax.models import build as build_lib
+from star_jax.models import mel_codec
 from star_jax.train.stage import Stage
 
 
 def stft_magnitude(wav_bt: jax.Array, n_fft: int) -> jax.Array:
-  """|STFT| with a Hann window, hop n_fft/4, zero-padded by n_fft/2 on both sides -> (B, frames, n_fft/2+1)."""
+  """|STFT| with a Hann window, hop n_fft/4, frames centred on every hop -> (B, 1 + T // hop, n_fft/2+1)."""
   hop = n_fft // 4
-  x = jnp.pad(wav_bt.astype(jnp.float32), ((0, 0), (n_fft // 2, n_fft // 2)))
-  num_frames = 1 + (x.shape[1] - n_fft) // hop
-  idx = jnp.arange(num_frames)[:, None] * hop + jnp.arange(n_fft)[None, :]
-  window = 0.5 - 0.5 * jnp.cos(2 * jnp.pi * jnp.arange(n_fft) / n_fft)
-  return jnp.abs(jnp.fft.rfft(x[:, idx] * window, axis=-1))
+  return jnp.abs(mel_codec.stft(wav_bt.astype(jnp.float32), n_fft, hop, 1 + wav_bt.shape[1] // hop))
 
 
 def multi_resolution_stft_loss(pred_bt: jax.Array, target_bt: jax.Array, windows=(512, 256, 128, 64),
