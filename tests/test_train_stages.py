@@ -148,3 +148,19 @@ def test_mlp_bridge_trains_in_stage1_and_stage2_and_generates(tmp_path, mesh1):
   gen = Generator(export_bundle(str(tmp_path / "s2"), str(tmp_path / "bundle")))
   wav = gen([np.random.default_rng(0).uniform(-0.3, 0.3, 8000).astype(np.float32)], 0.32, steps=2)
   assert wav.shape == (1, int(0.32 * gen.sample_rate_hz)) and np.all(np.isfinite(wav))
+
+
+def test_stage2_keeps_an_ema_that_the_export_reads(tmp_path, mesh1):
+  """`stage2.ema_decay` > 0: the EMA starts as a copy of the loaded params (one buffer cannot be donated twice
+  to the step), moves with them, and is what loaders and bundles read."""
+  from star_jax import checkpoint, trained
+
+  cfg = _cfg("stage2", "stage2.ema_decay=0.5")
+  data = RandomRecords(cfg, n=8)
+  res = loop.train(cfg, build_stage(cfg, "stage2", data), str(tmp_path), data, mesh=mesh1, progress=False)
+  assert res.step == 3
+  state, _ = checkpoint.TrainCheckpointer(str(tmp_path / "checkpoints")).restore_numpy()
+  gaps = jax.tree.leaves(jax.tree.map(lambda e, p: float(np.abs(e - p).max()), state["ema"]["dit"],
+                                      state["params"]["dit"]))
+  assert all(np.isfinite(g) for g in gaps) and max(gaps) > 0
+  jax.tree.map(np.testing.assert_array_equal, trained.component(str(tmp_path), "dit"), state["ema"]["dit"])

@@ -43,7 +43,7 @@ def main():
 
   from star_jax import flow
   from star_jax.config import load_config
-  from star_jax.demo import split_arrays
+  from star_jax.demo.run import split_arrays
   from star_jax.models.dit import DiT
   from star_jax.models import build
 

@@ -24,7 +24,7 @@ def main():
 
   from star_jax.config import load_config
   from star_jax.data import opensfx
-  from star_jax.demo import split_arrays
+  from star_jax.demo.run import split_arrays
   from star_jax.metrics.scores import mean_average_precision
   from star_jax import trained
   from star_jax.train import stage1

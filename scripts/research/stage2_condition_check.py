@@ -30,7 +30,7 @@ def main():
   import jax.numpy as jnp
 
   from star_jax import flow
-  from star_jax.demo import split_arrays
+  from star_jax.demo.run import split_arrays
   from star_jax.generate import Generator
   from star_jax.models import build
 

@@ -25,7 +25,8 @@ def main():
   import jax
   import jax.numpy as jnp
 
-  from star_jax import demo
+  from star_jax.demo.evaluator import Evaluator, event_accuracy
+  from star_jax.demo.run import split_arrays
   from star_jax.config import load_config
   from star_jax.metrics.scores import frechet_distance
   from star_jax.models.vae import OobleckVAE
@@ -44,15 +45,15 @@ def main():
   vae = OobleckVAE(build.vae_config(cfg))
   params = trained.load_trained(args.workdir)[0]["vae"]
   recon_fn = jax.jit(lambda p, x: fit_length(vae.apply({"params": p}, x, None)[0], x.shape[1]))
-  queries = demo.split_arrays(cfg, "test", args.queries)
+  queries = split_arrays(cfg, "test", args.queries)
   audio, labels = queries["audio"], queries["labels"]
   recon = np.concatenate([np.asarray(recon_fn(params, jnp.asarray(audio[i:i + 16])))
                           for i in range(0, len(audio), 16)])
-  train = demo.split_arrays(cfg, "train")
-  evaluator = demo.Evaluator(cfg.vae.sample_rate_hz).fit(train["audio"], train["labels"])
+  train = split_arrays(cfg, "train")
+  evaluator = Evaluator(cfg.vae.sample_rate_hz).fit(train["audio"], train["labels"])
   real_emb = evaluator.embed(audio)
-  print(f"event accuracy: real {demo.event_accuracy(evaluator, audio, labels):.3f}, "
-        f"reconstructed {demo.event_accuracy(evaluator, recon, labels):.3f}; "
+  print(f"event accuracy: real {event_accuracy(evaluator, audio, labels):.3f}, "
+        f"reconstructed {event_accuracy(evaluator, recon, labels):.3f}; "
         f"FD of the reconstructions {frechet_distance(evaluator.embed(recon), real_emb):.1f}; "
         f"rms real {np.sqrt(np.mean(audio ** 2)):.3f}, reconstructed {np.sqrt(np.mean(recon ** 2)):.3f}")
 

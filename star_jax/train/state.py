@@ -116,7 +116,9 @@ def with_pretrained(state: TrainState, params: Any, frozen: Any) -> TrainState:
   """A fresh state with loaded weights: params and frozen replaced, the EMA (if kept) restarted at the params."""
   state = state.replace(params=params, frozen=frozen)
   if state.ema is not None:
-    state = state.replace(ema=jax.tree.map(lambda p, e: jax.device_put(p, e.sharding), params, state.ema))
+    # A copy: the step donates params and EMA, and one buffer cannot be donated twice.
+    state = state.replace(ema=jax.tree.map(lambda p, e: jax.device_put(p, e.sharding, may_alias=False),
+                                           params, state.ema))
   return state
 
 
