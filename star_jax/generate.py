@@ -229,16 +229,24 @@ def _fit(wav_bt: np.ndarray, num_samples: int) -> np.ndarray:
   return wav_bt[:, :num_samples]
 
 
+def fit_to_pcm(wav: np.ndarray) -> np.ndarray:
+  """A clip whose peak exceeds 1 scaled down to peak 1, others as they are: 16-bit PCM holds [-1, 1], and
+  clipping a loud clip (high guidance overshoots the level) would distort it where scaling keeps its shape."""
+  peak = float(np.max(np.abs(wav))) if np.size(wav) else 0.0
+  return np.asarray(wav, np.float32) / peak if peak > 1.0 else np.asarray(wav, np.float32)
+
+
 def write_wav(path: str, wav: np.ndarray, rate_hz: int, as_float: bool = False) -> None:
-  """16-bit PCM, samples beyond [-1, 1] clipped (with a warning); or `as_float`: float32, as they are."""
+  """16-bit PCM, a clip peaking beyond [-1, 1] scaled down to fit (`fit_to_pcm`); or `as_float`: float32, as
+  they are."""
   import soundfile as sf
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   if as_float:
     sf.write(path, np.asarray(wav, np.float32), rate_hz, subtype="FLOAT")
     return
-  if np.max(np.abs(wav)) > 1.0:
-    log.warning("%s: clipping samples beyond [-1, 1] (peak %.2f)", path, float(np.max(np.abs(wav))))
-  sf.write(path, np.clip(wav, -1.0, 1.0), rate_hz, subtype="PCM_16")
+  if np.size(wav) and np.max(np.abs(wav)) > 1.0:
+    log.info("%s: peak %.2f scaled down to 1 for 16-bit PCM", path, float(np.max(np.abs(wav))))
+  sf.write(path, fit_to_pcm(wav), rate_hz, subtype="PCM_16")
 
 
 def _inputs(speech: str, out: str) -> list[tuple[str, str]]:

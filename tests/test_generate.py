@@ -174,3 +174,18 @@ def test_init_noise_fixes_the_sample_and_its_length_and_float_writes_it_unclippe
     assert main(["generate", "--ckpt", bundle, "--speech", str(queries), "--out", str(tmp_path / "o"), *extra]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and ("bad.npy" in err or "noise.npy" in err)
+
+
+def test_write_wav_scales_a_loud_clip_down_rather_than_clipping_it(tmp_path):
+  """16-bit PCM holds [-1, 1]: a clip peaking at 3 is written at a third of its level, shape intact; a clip
+  inside [-1, 1] is written as it is."""
+  from star_jax.generate import write_wav
+
+  t = np.arange(1600) / 16000
+  loud = (3.0 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+  quiet = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+  for name, wav, want in (("loud", loud, loud / np.abs(loud).max()), ("quiet", quiet, quiet)):
+    write_wav(str(tmp_path / f"{name}.wav"), wav, 16000)
+    got, rate = sf.read(str(tmp_path / f"{name}.wav"), dtype="float32")
+    assert rate == 16000 and sf.info(str(tmp_path / f"{name}.wav")).subtype == "PCM_16"
+    np.testing.assert_allclose(got, want, atol=2 / 32767)
