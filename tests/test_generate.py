@@ -120,8 +120,9 @@ def test_generator_pads_speech_to_the_training_window_and_undoes_the_latent_scal
   latents = flow.sample(gen.dit.apply, {"params": gen.params["dit"]}, noise, tokens, num_steps=int(f.num_steps),
                         cfg_scale=float(f.cfg_scale), sway_coef=float(f.sway_coef))
   want = np.asarray(gen._decode(gen.vae_params, jnp.asarray(latents) / scale))[:, :wav.shape[1]]
-  # `sample` runs the loop and the decode as one program: XLA's fusion moves the last bits, nothing more.
-  np.testing.assert_allclose(wav[:, :want.shape[1]], want, atol=1e-3 * np.abs(want).max())
+  # `sample` runs the loop and the decode as one program: XLA's fusion moves the last bits, and the mel codec's
+  # Griffin-Lim (momentum 0.99) grows them at a few samples of a guided (loud) clip; a wrong scale is off everywhere.
+  np.testing.assert_allclose(wav[:, :want.shape[1]], want, atol=2e-3 * np.abs(want).max())
 
 
 def test_mlp_bridge_bundle_generates(tmp_path):
@@ -166,7 +167,10 @@ def test_init_noise_fixes_the_sample_and_its_length_and_float_writes_it_unclippe
   np.testing.assert_array_equal(outs[0][0], outs[5][0])  # the noise file, not the seed, decides
   tokens = np.asarray(gen.tokens([sf.read(str(queries / "q1.wav"), dtype="float32")[0]]))
   want = gen.sample(tokens, 6 * gen.hop / gen.sample_rate_hz, steps=2, noise=noise[1:])[0]
-  np.testing.assert_allclose(outs[0][1], want, atol=1e-6)  # the second query gets the second noise
+  # The second query gets the second noise: a batch of 2 rounds differently from a batch of 1 and Griffin-Lim grows
+  # that to <1 % of the peak; another noise or query would not correlate.
+  assert np.corrcoef(outs[0][1], want)[0, 1] > 0.999
+  np.testing.assert_allclose(outs[0][1], want, atol=1e-2 * np.abs(want).max())
   capsys.readouterr()
   np.save(tmp_path / "bad.npy", noise[:, :, :-1])
   for extra in (["--init-noise", str(tmp_path / "bad.npy")],

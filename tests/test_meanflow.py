@@ -243,7 +243,8 @@ def test_meanflow_eval_scores_teacher_and_student_on_tiny_data(tmp_path):
   clips = {"audio": (0.3 * tone + 0.01 * rng.standard_normal((n, samples))).astype(np.float32), "labels": labels,
            "speech": rng.uniform(-0.3, 0.3, (n, 16000)).astype(np.float32), "speech_mask": np.ones((n, 16000), bool)}
   scores = score_samplers(bundles["stage2"], bundles["meanflow"], clips, clips, [1, 2], batch_size=4)
-  assert list(scores) == ["teacher: Euler 10 steps + CFG 3", "mean flow, 1 step", "mean flow, 2 steps"]
+  assert list(scores) == [f"teacher: Euler {cfg.flow.num_steps} steps + CFG {cfg.flow.cfg_scale:g}", "mean flow, 1 step",
+                          "mean flow, 2 steps"]
   for row in scores.values():
     assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["accuracy_vae_aware"] <= 1.0 and row["fd"] >= 0.0
   md = table({"seed 0": scores, "seed 1": scores})
