@@ -24,7 +24,8 @@ def _cfg(stage, *extra):
 
 @pytest.mark.parametrize("name", [pytest.param("vae", marks=pytest.mark.slow), "tta", "stage1", "stage2"])
 def test_three_steps(name, tmp_path, mesh1):
-  extra = {"stage1": ["stage1.max_epochs=3"], "vae": ["vae.kind=oobleck"]}.get(name, [])  # tiny's mel codec: fixed
+  extra = {"stage1": ["stage1.max_epochs=3"], "vae": ["vae.kind=oobleck"],  # tiny's mel codec: fixed
+           "stage2": ["stage2.ema_decay=0.5"]}.get(name, [])
   cfg = _cfg(name, *extra)
   data = RandomRecords(cfg, n=8)  # stage 1: one step per epoch, so 3 steps = 3 validations
   res = loop.train(cfg, build_stage(cfg, name, data), str(tmp_path), data, mesh=mesh1, progress=False)
@@ -52,12 +53,18 @@ def test_three_steps(name, tmp_path, mesh1):
   if name == "stage2":
     # tiny: `stage2.train_projection=False` keeps stage 1's tokens as they are (the paper trains the bridge's
     # last projection too), and the loop reads the training split with the stage's own `random_crop` (False).
-    from star_jax import checkpoint
+    from star_jax import checkpoint, trained
     assert not cfg.stage2.train_projection and not cfg.stage2.random_crop
     state, _ = checkpoint.TrainCheckpointer(str(tmp_path / "checkpoints")).restore_numpy()
     frozen, _ = checkpoint.load_params(str(tmp_path / "frozen"))  # written once, not into each checkpoint
     assert not state["params"]["bridge"] and "projection" in frozen["bridge"] and not state.get("frozen")
     assert data.random_crops == [("train", False)]
+    # ema_decay > 0: the EMA starts as a copy of the loaded params (one buffer cannot be donated twice to the
+    # step), moves with them, and is what loaders and bundles read.
+    gaps = jax.tree.leaves(jax.tree.map(lambda e, p: float(np.abs(e - p).max()), state["ema"]["dit"],
+                                        state["params"]["dit"]))
+    assert all(np.isfinite(g) for g in gaps) and max(gaps) > 0
+    jax.tree.map(np.testing.assert_array_equal, trained.component(str(tmp_path), "dit"), state["ema"]["dit"])
 
 
 def test_stage1_keeps_the_best_epoch_and_stops_after_patience(tmp_path, mesh1):
@@ -149,18 +156,3 @@ def test_mlp_bridge_trains_in_stage1_and_stage2_and_generates(tmp_path, mesh1):
   wav = gen([np.random.default_rng(0).uniform(-0.3, 0.3, 8000).astype(np.float32)], 0.32, steps=2)
   assert wav.shape == (1, int(0.32 * gen.sample_rate_hz)) and np.all(np.isfinite(wav))
 
-
-def test_stage2_keeps_an_ema_that_the_export_reads(tmp_path, mesh1):
-  """`stage2.ema_decay` > 0: the EMA starts as a copy of the loaded params (one buffer cannot be donated twice
-  to the step), moves with them, and is what loaders and bundles read."""
-  from star_jax import checkpoint, trained
-
-  cfg = _cfg("stage2", "stage2.ema_decay=0.5")
-  data = RandomRecords(cfg, n=8)
-  res = loop.train(cfg, build_stage(cfg, "stage2", data), str(tmp_path), data, mesh=mesh1, progress=False)
-  assert res.step == 3
-  state, _ = checkpoint.TrainCheckpointer(str(tmp_path / "checkpoints")).restore_numpy()
-  gaps = jax.tree.leaves(jax.tree.map(lambda e, p: float(np.abs(e - p).max()), state["ema"]["dit"],
-                                      state["params"]["dit"]))
-  assert all(np.isfinite(g) for g in gaps) and max(gaps) > 0
-  jax.tree.map(np.testing.assert_array_equal, trained.component(str(tmp_path), "dit"), state["ema"]["dit"])
