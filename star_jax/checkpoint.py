@@ -58,8 +58,7 @@ def load_params(directory: str, sharding: Any = None) -> tuple[Any, dict]:
     if sharding is None:  # onto this process's first device, whatever mesh or process count wrote it
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       sharding = jax.tree.map(lambda _: device, saved)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), saved, sharding)
-    params = ckptr.restore(target, abstract)
+    params = ckptr.restore(target, abstract_tree(saved, sharding))
   return params, meta
 
 

@@ -244,8 +244,6 @@ def write_wav(path: str, wav: np.ndarray, rate_hz: int, as_float: bool = False) 
   if as_float:
     sf.write(path, np.asarray(wav, np.float32), rate_hz, subtype="FLOAT")
     return
-  if np.size(wav) and np.max(np.abs(wav)) > 1.0:
-    log.debug("%s: peak %.2f scaled down to 1 for 16-bit PCM", path, float(np.max(np.abs(wav))))
   sf.write(path, fit_to_pcm(wav), rate_hz, subtype="PCM_16")
 
 

@@ -76,7 +76,7 @@ def _merge(state: dict) -> dict:
   """frozen, then params, then the EMA, merged key by key (stage 2 splits the bridge across trees)."""
   merged: dict = {}
   for part in ("frozen", "params", "ema"):
-    merged = checkpoint.overlay(merged, state.get(part) or {})
+    merged = checkpoint.overlay(merged, state.get(part))
   return merged
 
 
