@@ -32,16 +32,19 @@ def einsum_attention(q, k, v, mask_bk, dtype):
 
 @pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_attention_equals_the_einsum_path(dtype, atol, masked):
+@pytest.mark.parametrize("implementation", ["auto", "xla"])
+def test_attention_equals_the_einsum_path(dtype, atol, masked, implementation):
   k = jax.random.split(jax.random.key(0), 3)
   q = jax.random.normal(k[0], (2, 7, 4, 16))
   kk, v = jax.random.normal(k[1], (2, 5, 4, 16)), jax.random.normal(k[2], (2, 5, 4, 16))
   mask = (jnp.arange(5)[None] < jnp.array([[5], [2]])) if masked else None
-  got = layers.attention(q, kk, v, mask, dtype, "auto")
-  assert got.dtype == jnp.float32 and layers.attention_implementation("auto", dtype, 16) == "xla"  # CPU
+  got = layers.attention(q, kk, v, mask, dtype, implementation)
+  assert got.dtype == jnp.float32 and layers.attention_implementation("auto", dtype, 16) == "dots"  # CPU
   np.testing.assert_allclose(got, einsum_attention(q, kk, v, mask, dtype), atol=atol)
+  if implementation == "auto":  # our dots compute the einsum path's function in its order of operations
+    np.testing.assert_allclose(got, einsum_attention(q, kk, v, mask, dtype), atol=1e-6 if dtype == jnp.float32 else 0)
   if masked:  # a masked key cannot matter
-    moved = layers.attention(q, kk.at[1, 3:].set(9.0), v.at[1, 3:].set(-9.0), mask, dtype)
+    moved = layers.attention(q, kk.at[1, 3:].set(9.0), v.at[1, 3:].set(-9.0), mask, dtype, implementation)
     np.testing.assert_allclose(moved, got, atol=1e-6)
 
 

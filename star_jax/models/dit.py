@@ -62,7 +62,7 @@ class DiTConfig:
   # zero-initialised, adds to t's, so the network computes the average velocity u(z_t, r, t) and starts as the
   # flow model. False: STAR and EzAudio.
   mean_flow: bool = False
-  attention: str = "auto"  # one of layers.ATTENTION_IMPLEMENTATIONS; auto: cuDNN flash attention on NVIDIA GPUs
+  attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS; auto: our batched dots on CPU, cuDNN flash on NVIDIA GPUs
   remat: str = "none"  # a key of REMAT_POLICIES, applied per block
   dtype: str = "float32"  # matmul input dtype; params, norms, softmax and the residual stay f32
 
@@ -301,9 +301,9 @@ class DiT(nn.Module):
     dc = context_bsd.shape[-1]
     kernel = self.param("context_slot_proj", nn.with_logical_partitioning(
         nn.initializers.normal(dc ** -0.5), (None, None, "embed")), (cfg.context_slots, dc, dc), jnp.float32)
-    dtype = as_dtype(cfg.dtype)
-    return jnp.einsum("bsd,sde->bse", context_bsd.astype(dtype), kernel.astype(dtype),
-                      preferred_element_type=jnp.float32)
+    # In f32 whatever dit.dtype (S·Dc² multiply-adds per example): XLA's CPU batched dot has no bf16 x bf16 -> f32
+    # kernel ("Unsupported element type for DotThunk") once the other kernels arrive in bf16.
+    return jnp.einsum("bsd,sde->bse", context_bsd.astype(jnp.float32), kernel)
 
   def pooled_context_embedding(self, context_bsd, context_mask_bs):
     """EzAudio cls_embed of the masked mean of the context tokens: (B, S, Dc) -> (B, D)."""
