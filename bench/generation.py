@@ -11,6 +11,7 @@ the same run on the same inputs (bf16: the module in torch.bfloat16, as EzAudio 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -29,12 +30,10 @@ from star_jax.models.dit import DiT, DiTConfig  # noqa: E402
 
 
 def vae_decode_bench(dtype: str, frames: int, reps: int):
-  """(seconds, flops) of decoding (1, frames, 128) latents with the paper VAE, or None if absent."""
-  try:
-    from star_jax.models.vae import OobleckVAE, VAEConfig, hop_length
-  except ImportError:
-    return None
-  cfg = VAEConfig(**{**load_config("configs/star.py:paper").vae.to_dict(), "dtype": dtype})
+  """(seconds, flops) of decoding (1, frames, 128) latents with the paper VAE."""
+  from star_jax.models.build import vae_config
+  from star_jax.models.vae import OobleckVAE, hop_length
+  cfg = dataclasses.replace(vae_config(load_config("configs/star.py:paper")), dtype=dtype)
   vae = OobleckVAE(cfg)
   z = jnp.zeros((1, frames, cfg.latent_channels))
   wav = jnp.zeros((1, 8 * hop_length(cfg)))  # param shapes do not depend on the length

@@ -30,7 +30,7 @@ ACT = ("batch", "length", None)  # activation layout: data-parallel over batch, 
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
-  """Oobleck sizes; `VAEConfig(**cfg.vae.to_dict())`."""
+  """Oobleck sizes; `models.build.vae_config(cfg)` makes one from a config's `vae` section."""
   sample_rate_hz: int = 24000
   audio_channels: int = 1
   encoder_hidden_size: int = 128
