@@ -18,13 +18,32 @@ from tests import train_worker
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def launch(num_processes, *args, cwd, timeout_s=420, env_extra=None):
-  """launch/local.sh N python tests/train_worker.py ARGS -> the completed process (output merged)."""
+def launch(num_processes, *args, cwd, logs, env_extra=None):
+  """Start launch/local.sh N python tests/train_worker.py ARGS -> the running process, its output going to
+  `logs`.out/.err (a pipe nobody reads while the caller works would fill and stall the workers)."""
   env = {k: v for k, v in os.environ.items() if not k.startswith(("STAR_", "SLURM_")) and k != "XLA_FLAGS"}
   env.update(PYTHON=sys.executable, DEVICES="4", PYTHONPATH=ROOT, **(env_extra or {}))
-  return subprocess.run([os.path.join(ROOT, "launch", "local.sh"), str(num_processes), sys.executable,
-                         os.path.join(ROOT, "tests", "train_worker.py"), *args],
-                        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
+  out, err = open(f"{logs}.out", "w+"), open(f"{logs}.err", "w+")
+  run = subprocess.Popen([os.path.join(ROOT, "launch", "local.sh"), str(num_processes), sys.executable,
+                          os.path.join(ROOT, "tests", "train_worker.py"), *args],
+                         cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+  run.logs = (out, err)
+  return run
+
+
+def alongside(run, reference, timeout_s=420):
+  """`reference()` (the 1-process run, in this process) while the launched run goes on, sharing the CPU with its
+  start-up, compiling and cross-process waits -> (its result, the launched run as a CompletedProcess)."""
+  try:
+    value = reference()
+    run.wait(timeout=timeout_s)
+  except BaseException:
+    run.kill()
+    run.wait()
+    raise
+  out, err = run.logs
+  out.seek(0), err.seek(0)
+  return value, subprocess.CompletedProcess(run.args, run.returncode, out.read(), err.read())
 
 
 def one_process(workdir, stage_name):
@@ -41,9 +60,9 @@ def assert_same_losses(one, two):
 @pytest.mark.parametrize("stage", [pytest.param("vae", marks=pytest.mark.slow),
                                    pytest.param("tta", marks=pytest.mark.slow), "stage2"])
 def test_two_processes_train_like_one(stage, tmp_path):
-  run = launch(2, str(tmp_path / "two"), stage, cwd=tmp_path)
+  run = launch(2, str(tmp_path / "two"), stage, cwd=tmp_path, logs=tmp_path / "launch")
+  _, run = alongside(run, lambda: one_process(tmp_path / "one", stage))
   assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-  one_process(tmp_path / "one", stage)
   assert_same_losses(str(tmp_path / "one"), str(tmp_path / "two"))
   assert checkpoint.TrainCheckpointer(str(tmp_path / "two" / "checkpoints")).all_steps() == [4, 6]
 
@@ -54,10 +73,10 @@ def test_two_process_stage1_on_gcs_validates_like_one(gcs, tmp_path):
   cwd = tmp_path / "cwd"
   cwd.mkdir()
   two = "gs://star-test/stage1-two"
-  run = launch(2, two, "stage1", cwd=cwd)
+  run = launch(2, two, "stage1", cwd=cwd, logs=tmp_path / "launch")
+  one, run = alongside(run, lambda: one_process(tmp_path / "one", "stage1"))
   assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
   assert os.listdir(cwd) == []
-  one = one_process(tmp_path / "one", "stage1")
   assert_same_losses(str(tmp_path / "one"), two)
 
   val_one, val_two = read_metrics(str(tmp_path / "one"), "val"), read_metrics(two, "val")
