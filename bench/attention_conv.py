@@ -1,7 +1,7 @@
 """The two kernels that bound generation on CPU, each against its alternatives, at paper sizes, bf16.
 
-  python bench/kernels.py                    # both tables (a few minutes on 2 cores)
-  python bench/kernels.py --parts attention  # or: conv
+  python bench/attention_conv.py                    # both tables (a few minutes on 2 cores)
+  python bench/attention_conv.py --parts attention  # or: conv
 
 1. Attention, one DiT-L self-attention call (batch 2, 500 frames, 16 heads of 64): `layers.attention` with each
    implementation against the plain einsum, time and GFLOP/s (the score and probability matmuls' FLOPs).
