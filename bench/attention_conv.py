@@ -29,9 +29,13 @@ from star_jax.models import layers  # noqa: E402
 BF16 = jnp.bfloat16
 
 
-def einsum_attention(q, k, v, dtype):
+def einsum_attention(q, k, v, mask_bk, dtype):
+  """The plain einsum attention (the layers' first one): the reference every implementation is held to here
+  and in tests/test_meanflow.py."""
   scores = jnp.einsum("bqhd,bkhd->bhqk", (q * q.shape[-1] ** -0.5).astype(dtype), k.astype(dtype),
                       preferred_element_type=jnp.float32)
+  if mask_bk is not None:
+    scores = jnp.where(mask_bk[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)
   return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v.astype(dtype), preferred_element_type=jnp.float32)
 
@@ -39,7 +43,7 @@ def einsum_attention(q, k, v, dtype):
 def attention_table(reps: int, b=2, length=500, heads=16, head_dim=64) -> None:
   q, k, v = (jax.random.normal(jax.random.key(i), (b, length, heads, head_dim)) for i in range(3))
   flops = 4 * b * heads * length * length * head_dim
-  ref = jax.jit(functools.partial(einsum_attention, dtype=BF16))
+  ref = jax.jit(functools.partial(einsum_attention, mask_bk=None, dtype=BF16))
   rows = [("einsum (reference)", ref)]
   rows += [(f"layers.attention '{impl}'", jax.jit(lambda q, k, v, impl=impl: layers.attention(q, k, v, None, BF16, impl)))
            for impl in ("dots", "xla")]

@@ -32,9 +32,10 @@ import numpy as np  # noqa: E402
 
 from bench.common import machine_line, matmul_peak, median_time  # noqa: E402
 from bench.train_throughput import bench_step, make_config  # noqa: E402
-from star_jax.generate import generation_programs, kernels_in_compute_dtype  # noqa: E402
+from star_jax.generate import generation_programs  # noqa: E402
 from star_jax.models import build  # noqa: E402
 from star_jax.models.dit import DiT  # noqa: E402
+from star_jax.models.layers import cast_kernels  # noqa: E402
 
 H100_BF16_PEAK = 989e12  # FLOP/s, H100 SXM dense bf16 (NVIDIA's datasheet)
 PAPER_SPEECH_MS = 35.9   # STAR's reported speech-processing latency
@@ -71,7 +72,7 @@ def generation_table(args, cfg) -> None:
     dit = DiT(dataclasses.replace(build.dit_config(cfg), mean_flow=mean_flow))
     dit_params = jax.jit(lambda k: nn.unbox(dit.init(k, noise[:, :8], jnp.zeros((1,)), tokens))["params"])(
         jax.random.key(4))
-    dit_params = kernels_in_compute_dtype(dit_params, dit.cfg.dtype)  # as the Generator holds them
+    dit_params = cast_kernels(dit_params, dit.cfg.dtype)  # as the Generator holds them
     program = generation_programs(dit, vae, 1.0)[1]
     t0 = time.perf_counter()
     call = lambda: jax.block_until_ready(

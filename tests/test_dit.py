@@ -428,18 +428,18 @@ def test_context_slots_give_each_context_token_its_own_linear_map():
 @pytest.mark.parametrize("extra", [{}, {"patch_size": 3, "mean_flow": True, "context_slots": S,
                                         "pooled_context": True}])
 def test_kernels_cast_to_the_compute_dtype_once_give_identical_outputs(extra):
-  """The Generator holds a bf16 DiT's kernels in bf16 (generate.kernels_in_compute_dtype): bit-identical outputs,
-  half the weight bytes, and no per-call conversion."""
-  from star_jax.generate import kernels_in_compute_dtype
+  """The Generator holds a bf16 DiT's kernels in bf16 (layers.cast_kernels): bit-identical outputs, half the
+  weight bytes, and no per-call conversion."""
+  from star_jax.models.layers import cast_kernels
 
   cfg = dataclasses.replace(CFG, dtype="bfloat16", **extra)
   x, t, ctx = _inputs()
   kw = {"r_b": t * 0.5} if cfg.mean_flow else {}
   params = _perturbed(nn.unbox(jax.jit(functools.partial(DiT(cfg).init, **kw))(jax.random.key(1), x, t, ctx)["params"]))
-  cast = kernels_in_compute_dtype(params, cfg.dtype)
+  cast = cast_kernels(params, cfg.dtype)
   kernels = [x for path, x in jax.tree_util.tree_leaves_with_path(cast) if path[-1].key == "kernel"]
   assert kernels and all(k.dtype == jnp.bfloat16 for k in kernels)
   assert all(x.dtype == jnp.float32 for path, x in jax.tree_util.tree_leaves_with_path(cast) if path[-1].key != "kernel")
   apply = jax.jit(lambda p: DiT(cfg).apply({"params": p}, x, t, ctx, **kw))
   np.testing.assert_array_equal(np.asarray(apply(cast)), np.asarray(apply(params)))
-  assert kernels_in_compute_dtype(params, "float32") is params
+  assert cast_kernels(params, "float32") is params

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bench.attention_conv import einsum_attention
 from star_jax import flow
 from star_jax.models import layers
 from star_jax.models.dit import DiT, DiTConfig, sampler_fns
@@ -18,16 +19,6 @@ CFG = DiTConfig(latent_channels=6, hidden_size=32, depth=2, num_heads=4, mlp_rat
                 lora_rank=3, lora_alpha=6.0)
 MF = dataclasses.replace(CFG, mean_flow=True)
 B, L, S = 2, 9, 5
-
-
-def einsum_attention(q, k, v, mask_bk, dtype):
-  """The einsum attention the layers used before jax.nn.dot_product_attention (reference)."""
-  scores = jnp.einsum("bqhd,bkhd->bhqk", (q * q.shape[-1] ** -0.5).astype(dtype), k.astype(dtype),
-                      preferred_element_type=jnp.float32)
-  if mask_bk is not None:
-    scores = jnp.where(mask_bk[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v.astype(dtype), preferred_element_type=jnp.float32)
 
 
 @pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])

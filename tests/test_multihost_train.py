@@ -41,9 +41,12 @@ def alongside(run, reference, timeout_s=420):
     run.kill()
     run.wait()
     raise
-  out, err = run.logs
-  out.seek(0), err.seek(0)
-  return value, subprocess.CompletedProcess(run.args, run.returncode, out.read(), err.read())
+  texts = []
+  for f in run.logs:
+    f.seek(0)
+    texts.append(f.read())
+    f.close()
+  return value, subprocess.CompletedProcess(run.args, run.returncode, *texts)
 
 
 def one_process(workdir, stage_name):
