@@ -75,9 +75,10 @@ def standin_config(*overrides):
 
 class RandomRecords:
   """`Data` with every batch field of star_jax.data.pipeline, random but fixed: speech, audio, labels,
-  text embeddings (with masks); `label_names` as the records' info gives them."""
+  text embeddings (with masks); `label_names` as the records' info gives them. `cached`: HuBERT frames and VAE
+  latents (`star-jax prepare cache`'s fields) in place of speech and audio, so a stage skips the frozen models."""
 
-  def __init__(self, cfg, n=16, num_classes=5, seed=0):
+  def __init__(self, cfg, n=16, num_classes=5, seed=0, cached=False):
     r = np.random.default_rng(seed)
     ts = int(cfg.data.speech_duration_s * cfg.data.speech_sample_rate_hz)
     ta = int(cfg.data.audio_duration_s * cfg.vae.sample_rate_hz)
@@ -92,6 +93,15 @@ class RandomRecords:
         labels=(r.random(num_classes) < 0.4).astype(np.float32),
         text_emb=fit(r.standard_normal((6, cfg.tta.text_dim)).astype(np.float32)), text_mask=np.arange(lt) < 3 + i % 4,
     ) for i in range(n)]
+    if cached:
+      from star_jax.models import build, hubert
+      th, tl = int(hubert.frame_lengths(build.hubert_config(cfg), ts)), ta // build.vae_hop(cfg)
+      for i, e in enumerate(self.examples):
+        del e["speech"], e["speech_mask"], e["audio"], e["audio_mask"]
+        e.update(hubert=r.standard_normal((th, cfg.hubert.hidden_size)).astype(np.float32),
+                 hubert_mask=np.arange(th) < th - 2 * (i % 3),
+                 latents=r.standard_normal((tl, cfg.vae.latent_channels)).astype(np.float32),
+                 latents_mask=np.arange(tl) < tl * lengths[i] // ta)
 
   def iterator(self, split, *, batch_size, shuffle, num_epochs, seed, drop_remainder=True, random_crop=None):
     self.random_crops.append((split, random_crop))  # what the loop asked for (these records are never cropped)
