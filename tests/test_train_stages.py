@@ -94,15 +94,23 @@ def test_stage1_keeps_the_best_epoch_and_stops_after_patience(tmp_path, mesh1):
 # (sharding.gather_fsdp, ZeRO-3), which this test pins.
 @pytest.mark.parametrize("shape", [{"data": 8, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}],
                          ids=["data8", "mesh222"])
-def test_stage2_loss_sharded_equals_single_device(shape, tmp_path, mesh1):
+def test_stage2_loss_sharded_equals_single_device(shape, stage2_one_device_loss, tmp_path):
   from star_jax import sharding
+  np.testing.assert_allclose(_stage2_first_loss(sharding.make_mesh(shape), tmp_path), stage2_one_device_loss,
+                             rtol=0, atol=1e-5)
+
+
+def _stage2_first_loss(mesh, workdir):
   cfg = _cfg("stage2", "stage2.steps=1")
   data = RandomRecords(cfg, n=8)
-  losses = []
-  for mesh, sub in ((mesh1, "one"), (sharding.make_mesh(shape), "sharded")):
-    loop.train(cfg, build_stage(cfg, "stage2", data), str(tmp_path / sub), data, mesh=mesh, progress=False)
-    losses.append(read_metrics(str(tmp_path / sub))[0]["loss"])
-  np.testing.assert_allclose(losses[1], losses[0], rtol=0, atol=1e-5)
+  loop.train(cfg, build_stage(cfg, "stage2", data), str(workdir), data, mesh=mesh, progress=False)
+  return read_metrics(str(workdir))[0]["loss"]
+
+
+@pytest.fixture(scope="module")
+def stage2_one_device_loss(mesh1, tmp_path_factory):
+  """The single-device reference of both meshes above, trained once."""
+  return _stage2_first_loss(mesh1, tmp_path_factory.mktemp("stage2_one_device"))
 
 
 @pytest.mark.parametrize("train_hubert", [True, False])
