@@ -185,6 +185,28 @@ def test_gradients_finite_and_remat_policies_agree():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g, ref_g)
 
 
+def test_bf16_matmul_gradient_takes_bf16_inputs_with_the_cotangent_rounded():
+  """layers.mp_matmul in bf16: both gradient matmuls read bf16 operands (the f32 cotangent rounded to bf16, as
+  autocast does; JAX's own transpose would run them in f32 at half the rate) and accumulate in f32; f32 compute
+  is plain autodiff."""
+  from star_jax.models.layers import mp_matmul
+
+  r = np.random.default_rng(0)
+  x, k, w = (jnp.asarray(r.standard_normal(s), jnp.float32) for s in ((3, 5, 8), (8, 16), (3, 5, 16)))
+  grads = lambda dt: jax.grad(lambda x, k: (mp_matmul(x, k, dt) * w).sum(), (0, 1))(x, k)
+  plain = jax.grad(lambda x, k: (jnp.einsum("abk,kn->abn", x, k) * w).sum(), (0, 1))(x, k)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), grads(jnp.float32), plain)
+
+  bf = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)
+  dx, dk = grads(jnp.bfloat16)
+  assert dx.dtype == dk.dtype == jnp.float32
+  np.testing.assert_allclose(dx, jnp.einsum("abn,kn->abk", bf(w), bf(k)), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(dk, jnp.einsum("abk,abn->kn", bf(x), bf(w)), rtol=1e-6, atol=1e-6)
+  jaxpr = jax.make_jaxpr(jax.grad(lambda x, k: mp_matmul(x, k, jnp.bfloat16).sum(), (0, 1)))(x, k)
+  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert len(dots) == 3 and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+
+
 def test_bf16_compute_keeps_f32_params_and_tracks_f32():
   cfg = dataclasses.replace(CFG, dtype="bfloat16")
   p = _perturbed(_init(cfg), scale=0.05)
