@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from typing import Any
 
 import jax
@@ -35,8 +36,14 @@ def _orbax():
 
   global _HANDLER_SET
   if not _HANDLER_SET and jax.default_backend() == "cpu":
-    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
-                                            override=True)
+    absl_log = logging.getLogger("absl")  # orbax warns that the handler is replaced: on purpose here
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+      ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
+                                              override=True)
+    finally:
+      absl_log.setLevel(level)
   _HANDLER_SET = True
   return ocp
 
