@@ -68,7 +68,6 @@ def _mp_matmul_16_bwd(dtype, residuals, g):
 _mp_matmul_16.defvjp(_mp_matmul_16_fwd, _mp_matmul_16_bwd)
 
 
-
 def cast_kernels(params: Any, dtype: Dtype) -> Any:
   """Every `kernel` leaf cast to `dtype`, the rest as it is. Dense and the convs cast their kernels to the compute
   dtype at every call (`mp_matmul`), so the outputs are bit-identical and an inference program reads bf16 weights
