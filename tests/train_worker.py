@@ -27,9 +27,9 @@ STAGE_ARGS = {  # 6 steps of 8 over 16 records: 2 steps per epoch, a save at ste
     "stage2": ["stage2.steps=6", "stage2.batch_size=8"],
     "standin": ["train.checkpoint_every_steps=2"],
 }
-# Stage 2 reads cached HuBERT frames and latents (`star-jax prepare cache`), as a pod run does, so its step leaves
+# Stage 2 and tta read cached HuBERT frames and latents (`star-jax prepare cache`), as a pod run does, so a step leaves
 # out HuBERT and the codec; the online path is tests/test_train_stages.py's.
-CACHED = ("stage2",)
+CACHED = ("stage2", "tta")
 VALID_EXAMPLES = 11  # the last validation batch: 3 rows, so one process of two has none
 
 
