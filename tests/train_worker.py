@@ -21,7 +21,7 @@ SMALL = ["data.speech_duration_s=0.5", "data.audio_duration_s=0.32", "train.log_
          "train.checkpoint_every_steps=4", "hubert.num_layers=1", "hubert.conv_dim=(16,16)",
          "dit.depth=2", "vae.channel_multiples=(1,2)", "vae.downsampling_ratios=(16,20)", "qformer.num_layers=1"]
 STAGE_ARGS = {  # 6 steps of 8 over 16 records: 2 steps per epoch, a save at step 4, 3 epoch boundaries
-    "vae": ["vae_stage.steps=6", "vae_stage.batch_size=8"],
+    "vae": ["vae_stage.steps=6", "vae_stage.batch_size=8", "vae.kind=oobleck"],  # tiny's mel codec: fixed
     "tta": ["tta.steps=6", "tta.batch_size=8"],
     "stage1": ["stage1.max_epochs=3", "stage1.batch_size=8", "stage1.keep_best=True", "stage1.patience_epochs=2"],
     "stage2": ["stage2.steps=6", "stage2.batch_size=8"],
