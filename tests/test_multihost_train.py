@@ -60,7 +60,7 @@ def assert_same_losses(one, two, exact_steps=None, atol_after=1e-5):
   assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 5
   la, lb = [r["loss"] for r in a], [r["loss"] for r in b]
   np.testing.assert_allclose(lb[:exact_steps], la[:exact_steps], rtol=0, atol=1e-5)
-  np.testing.assert_allclose(lb, la, rtol=0, atol=atol_after if exact_steps else 1e-5)
+  np.testing.assert_allclose(lb, la, rtol=0, atol=atol_after)
 
 
 @pytest.mark.parametrize("stage", [pytest.param("vae", marks=pytest.mark.slow),

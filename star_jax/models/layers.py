@@ -48,7 +48,7 @@ def mp_matmul(x: jax.Array, kernel: jax.Array, dtype: Dtype) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _mp_matmul_16(x, kernel, dtype):
-  return _dot_f32(x.astype(dtype), kernel.astype(dtype), (x.ndim - 1,), (0,))
+  return _mp_matmul_16_fwd(x, kernel, dtype)[0]
 
 
 def _mp_matmul_16_fwd(x, kernel, dtype):
