@@ -1,6 +1,10 @@
-"""Test set-up: 8 simulated CPU devices, offline Hugging Face, parsed absl flags, mesh fixtures."""
+"""Test set-up: 8 simulated CPU devices, one compilation cache per run, offline Hugging Face, parsed absl flags,
+mesh fixtures."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -10,6 +14,17 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
+
+# One XLA compilation cache per test run, shared by the xdist workers (they inherit the directory from the
+# controller): tests build the same tiny programs in new jit objects (a stage's init, a Generator per bundle),
+# which the in-memory cache never matches. Removed at the end of the run, so a run's time never depends on the
+# runs before it. The size bound turns on the cache's file lock (two workers may write one entry at once).
+if "TESTS_XLA_CACHE_DIR" not in os.environ:
+  os.environ["TESTS_XLA_CACHE_DIR"] = tempfile.mkdtemp(prefix="star-jax-tests-xla-cache-")
+  atexit.register(shutil.rmtree, os.environ["TESTS_XLA_CACHE_DIR"], ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", os.environ["TESTS_XLA_CACHE_DIR"])
+jax.config.update("jax_compilation_cache_max_size", 4 << 30)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 import absl.flags  # noqa: E402
 import pytest  # noqa: E402

@@ -7,16 +7,15 @@ import subprocess
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
-import pytest
 import soundfile as sf
 
-from star_jax import checkpoint, paths
+from star_jax import checkpoint
 from star_jax.cli import main
 from star_jax.train.writer import read_metrics
 from tests.reliability_child import TRAIN_ARGS, use_standin
+from tests.train_standin import random_workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
@@ -61,13 +60,10 @@ def test_export_to_and_generate_from_gcs(gcs, tmp_path):
   """A stage-2 workdir on gs:// (best/ + config.json) -> export to gs:// -> generate reads the bundle there."""
   from star_jax.config import load_config
   from star_jax.export import export_bundle, load_bundle
-  from star_jax.train.stage import build_stage
 
   cfg = load_config("configs/star.py:tiny", ["dit.depth=2", "hubert.num_layers=1", "flow.num_steps=2"])
-  tree = nn.unbox(build_stage(cfg, "stage2").init(jax.random.PRNGKey(0)))
   work = "gs://star-test/stage2"
-  checkpoint.save_params(work + "/best", tree, cfg, kind="stage2")
-  paths.write_text(work + "/config.json", cfg.to_json())
+  tree = random_workdir(cfg, work)
   bundle = export_bundle(work, "gs://star-test/bundle")
   assert bundle == "gs://star-test/bundle" and "bundle/config.json" in gcs.objects("bundle/")
 

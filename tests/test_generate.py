@@ -2,17 +2,15 @@
 
 import os
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 import soundfile as sf
 
-from star_jax.checkpoint import save_params
 from star_jax.cli import main
 from star_jax.config import load_config
 from star_jax.export import export_bundle
-from star_jax.train.stage import build_stage
+from tests.train_standin import random_workdir
 
 RATE = 16000
 
@@ -24,11 +22,8 @@ def bundle(tmp_path_factory):
   # latent_scale 0.4 (tiny's is 1.0 with the mel codec) so the test sees `sample` divide it back out.
   cfg = load_config("configs/star.py:tiny", ["dit.depth=2", "hubert.num_layers=1", "flow.num_steps=2",
                                              "flow.latent_scale=0.4"])
-  tree = nn.unbox(build_stage(cfg, "stage2").init(jax.random.PRNGKey(0)))
-  work = root / "stage2"
-  save_params(str(work / "best"), tree, cfg, kind="stage2")
-  (work / "config.json").write_text(cfg.to_json())
-  return export_bundle(str(work), str(root / "bundle"))
+  random_workdir(cfg, str(root / "stage2"))
+  return export_bundle(str(root / "stage2"), str(root / "bundle"))
 
 
 def test_tokens_from_cached_features_are_the_speech_tokens(bundle):
@@ -131,11 +126,8 @@ def test_mlp_bridge_bundle_generates(tmp_path):
   from star_jax.generate import Generator
   cfg = load_config("configs/star.py:tiny", ["bridge.kind=mlp", "dit.context_slots=0", "dit.depth=2",
                                              "hubert.num_layers=1", "flow.num_steps=2"])
-  tree = nn.unbox(build_stage(cfg, "stage2").init(jax.random.PRNGKey(0)))
-  work = tmp_path / "stage2"
-  save_params(str(work / "best"), tree, cfg, kind="stage2")
-  (work / "config.json").write_text(cfg.to_json())
-  gen = Generator(export_bundle(str(work), str(tmp_path / "bundle")))
+  random_workdir(cfg, str(tmp_path / "stage2"))
+  gen = Generator(export_bundle(str(tmp_path / "stage2"), str(tmp_path / "bundle")))
   speech = [np.random.default_rng(0).uniform(-0.3, 0.3, RATE).astype(np.float32)] * 2
   tokens = np.asarray(gen.tokens(speech))
   assert tokens.shape == (2, 1, cfg.mlp_bridge.hidden_size) and np.abs(tokens).max() > 0

@@ -72,22 +72,23 @@ def test_mean_flow_dit_starts_as_the_flow_model_and_its_sampler_as_euler():
   every r, so the mean-flow sampler's steps are the flow model's Euler steps; once trained, r matters."""
   x, t, ctx = _inputs(3)
   flow_params = _params(CFG)
-  mf_init = nn.unbox(DiT(MF).init(jax.random.key(5), x, t, ctx)["params"])
+  mf_init = nn.unbox(jax.jit(DiT(MF).init)(jax.random.key(5), x, t, ctx)["params"])
   assert set(mf_init) - set(flow_params) == {"interval_embed_1", "interval_embed_2"}
   start = {**flow_params, "interval_embed_1": mf_init["interval_embed_1"],
            "interval_embed_2": mf_init["interval_embed_2"]}
-  v = DiT(CFG).apply({"params": flow_params}, x, t, ctx)
+  flow_apply, mf_apply = jax.jit(DiT(CFG).apply), jax.jit(DiT(MF).apply)
+  v = flow_apply({"params": flow_params}, x, t, ctx)
   for r in (t, jnp.zeros(2), jnp.array([10.0, 500.0])):
-    np.testing.assert_allclose(DiT(MF).apply({"params": start}, x, t, ctx, r_b=r), v, atol=1e-5)
+    np.testing.assert_allclose(mf_apply({"params": start}, x, t, ctx, r_b=r), v, atol=1e-5)
   prepare, velocity = sampler_fns(MF)
   for steps in (1, 2, 4):
     euler = flow.sample(DiT(CFG).apply, {"params": flow_params}, x, ctx, num_steps=steps, sway_coef=0.0)
     mean = flow.mean_flow_sample(velocity, {"params": start}, x, ctx, num_steps=steps, prepare_context=prepare)
     np.testing.assert_allclose(mean, euler, atol=1e-5)
   trained = _params(MF)
-  u = lambda r: DiT(MF).apply({"params": trained}, x, t, ctx, r_b=r)
+  u = lambda r: mf_apply({"params": trained}, x, t, ctx, r_b=r)
   assert np.abs(np.asarray(u(t) - u(jnp.zeros(2)))).max() > 1e-2
-  np.testing.assert_allclose(u(t), DiT(MF).apply({"params": trained}, x, t, ctx), atol=1e-6)  # r defaults to t
+  np.testing.assert_allclose(u(t), mf_apply({"params": trained}, x, t, ctx), atol=1e-6)  # r defaults to t
 
 
 X0 = jax.random.normal(jax.random.key(7), (2, 7, 3))
@@ -149,7 +150,6 @@ def test_meanflow_stage_trains_from_a_stage2_workdir_and_generates_in_one_step(t
   `generate --steps 1/2`: the Generator picks the mean-flow sampler, and its output is that sampler + decode."""
   import soundfile as sf
 
-  from star_jax.checkpoint import save_params
   from star_jax.cli import main
   from star_jax.config import load_config
   from star_jax.export import export_bundle
@@ -159,13 +159,10 @@ def test_meanflow_stage_trains_from_a_stage2_workdir_and_generates_in_one_step(t
   from star_jax.train.stage import build_stage
   from star_jax.train.writer import read_metrics
   from tests.test_train_stages import SMALL
-  from tests.train_standin import RandomRecords
+  from tests.train_standin import RandomRecords, random_workdir
 
   stage2 = tmp_path / "stage2"
-  cfg2 = load_config("configs/star.py:tiny", SMALL)
-  tree = nn.unbox(build_stage(cfg2, "stage2").init(jax.random.PRNGKey(0)))
-  save_params(str(stage2 / "best"), tree, cfg2, kind="stage2")
-  (stage2 / "config.json").write_text(cfg2.to_json())
+  tree = random_workdir(load_config("configs/star.py:tiny", SMALL), str(stage2))
 
   cfg = load_config("configs/star.py:tiny", SMALL + [f"meanflow.init_stage2={stage2}", "meanflow.steps=3",
                                                      "meanflow.batch_size=8", "meanflow.lr=3e-3"])
@@ -213,20 +210,17 @@ def test_meanflow_eval_scores_teacher_and_student_on_tiny_data(tmp_path):
   mean-flow step count, each figure in range, and the seed table over two runs."""
   pytest.importorskip("sklearn")
   from scripts.meanflow_eval import FIGURES, score_samplers, table
-  from star_jax.checkpoint import save_params
   from star_jax.config import load_config
   from star_jax.export import export_bundle
   from star_jax.generate import Generator
-  from star_jax.train.stage import build_stage
   from tests.test_train_stages import SMALL
+  from tests.train_standin import random_workdir
 
   bundles = {}
   cfg = load_config("configs/star.py:tiny", SMALL)
   for name in ("stage2", "meanflow"):
-    work = tmp_path / name
-    save_params(str(work / "best"), nn.unbox(build_stage(cfg, name).init(jax.random.PRNGKey(0))), cfg, kind=name)
-    (work / "config.json").write_text(cfg.to_json())
-    bundles[name] = Generator(export_bundle(str(work), str(tmp_path / f"{name}_bundle")))
+    random_workdir(cfg, str(tmp_path / name), kind=name)
+    bundles[name] = Generator(export_bundle(str(tmp_path / name), str(tmp_path / f"{name}_bundle")))
   assert bundles["meanflow"].mean_flow and not bundles["stage2"].mean_flow
   rng = np.random.default_rng(0)
   n, samples = 8, int(0.32 * cfg.vae.sample_rate_hz)

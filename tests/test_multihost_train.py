@@ -63,8 +63,7 @@ def assert_same_losses(one, two, exact_steps=None, atol_after=1e-5):
   np.testing.assert_allclose(lb, la, rtol=0, atol=atol_after)
 
 
-@pytest.mark.parametrize("stage", [pytest.param("vae", marks=pytest.mark.slow),
-                                   pytest.param("tta", marks=pytest.mark.slow), "stage2"])
+@pytest.mark.parametrize("stage", ["vae", "tta", "stage2"])
 def test_two_processes_train_like_one(stage, tmp_path):
   run = launch(2, str(tmp_path / "two"), stage, cwd=tmp_path, logs=tmp_path / "launch")
   _, run = alongside(run, lambda: one_process(tmp_path / "one", stage))

@@ -123,11 +123,11 @@ def test_stage1_reads_cached_hubert_frames_only_when_hubert_is_frozen(train_hube
   cfg = _cfg("stage1", f"stage1.train_hubert={train_hubert}")
   data = RandomRecords(cfg, n=4)
   stage = build_stage(cfg, "stage1", data)
-  state = meta.unbox(stage.init(jax.random.PRNGKey(0)))
+  state = meta.unbox(jax.jit(stage.init)(jax.random.PRNGKey(0)))
   batch = {k: np.stack([e[k] for e in data.examples]) for k in ("speech", "speech_mask", "labels")}
   cached = dict(batch, hubert=np.random.default_rng(1).standard_normal((4, 7, cfg.hubert.hidden_size)).astype(
       np.float32), hubert_mask=np.ones((4, 7), bool))
-  loss = lambda b: float(stage.loss(state["params"], state["frozen"], b, jax.random.PRNGKey(2))[0])
+  loss = lambda b: float(jax.jit(stage.loss)(state["params"], state["frozen"], b, jax.random.PRNGKey(2))[0])
   if train_hubert:
     assert loss(cached) == loss(batch)
   else:
@@ -146,7 +146,7 @@ def test_mlp_bridge_trains_in_stage1_and_stage2_and_generates(tmp_path, mesh1):
   cfg1 = _cfg("stage1", "stage1.max_epochs=3", *mlp)
   data = RandomRecords(cfg1, n=8)
   stage = build_stage(cfg1, "stage1", data)
-  init = stage.init(jax.random.PRNGKey(cfg1.seed))
+  init = jax.jit(stage.init)(jax.random.PRNGKey(cfg1.seed))
   res = loop.train(cfg1, stage, str(tmp_path / "s1"), data, mesh=mesh1, progress=False)
   assert res.step == 3 and all(np.isfinite(r["loss"]) for r in read_metrics(str(tmp_path / "s1")))
   parts, _ = trained.load_trained(str(tmp_path / "s1"))

@@ -136,3 +136,14 @@ class GlobalBatches:
 
   def num_examples(self, split):
     return len(self.splits[split])
+
+
+def random_workdir(cfg, workdir: str, kind: str = "stage2") -> dict:
+  """A finished `kind` run on random weights: `workdir`/best (the stage's init, as one compiled program: eager
+  init dispatches and compiles every initialiser apart, ~2x slower) and config.json -> the saved tree."""
+  from star_jax import checkpoint, paths
+  from star_jax.train.stage import build_stage
+  tree = nn.unbox(jax.jit(build_stage(cfg, kind).init)(jax.random.PRNGKey(0)))
+  checkpoint.save_params(f"{workdir}/best", tree, cfg, kind=kind)
+  paths.write_text(f"{workdir}/config.json", cfg.to_json())
+  return tree
