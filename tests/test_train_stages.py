@@ -127,7 +127,8 @@ def test_stage1_reads_cached_hubert_frames_only_when_hubert_is_frozen(train_hube
   batch = {k: np.stack([e[k] for e in data.examples]) for k in ("speech", "speech_mask", "labels")}
   cached = dict(batch, hubert=np.random.default_rng(1).standard_normal((4, 7, cfg.hubert.hidden_size)).astype(
       np.float32), hubert_mask=np.ones((4, 7), bool))
-  loss = lambda b: float(jax.jit(stage.loss)(state["params"], state["frozen"], b, jax.random.PRNGKey(2))[0])
+  step_loss = jax.jit(stage.loss)
+  loss = lambda b: float(step_loss(state["params"], state["frozen"], b, jax.random.PRNGKey(2))[0])
   if train_hubert:
     assert loss(cached) == loss(batch)
   else:
