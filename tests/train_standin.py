@@ -1,4 +1,5 @@
-"""A stand-in stage and in-memory data for the loop tests: tiny Linen modules, no real models."""
+"""A stand-in stage and in-memory data for the loop tests (tiny Linen modules, no real models), random records
+with every batch field of the real stages, and a finished run's workdir on random weights."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from star_jax import checkpoint, paths
 from star_jax.config import load_config
 from star_jax.models.layers import Dense
-from star_jax.train.stage import Stage
+from star_jax.train.stage import Stage, build_stage
 
 
 class Encoder(nn.Module):
@@ -141,8 +143,6 @@ class GlobalBatches:
 def random_workdir(cfg, workdir: str, kind: str = "stage2") -> dict:
   """A finished `kind` run on random weights: `workdir`/best (the stage's init, as one compiled program: eager
   init dispatches and compiles every initialiser apart, ~2x slower) and config.json -> the saved tree."""
-  from star_jax import checkpoint, paths
-  from star_jax.train.stage import build_stage
   tree = nn.unbox(jax.jit(build_stage(cfg, kind).init)(jax.random.PRNGKey(0)))
   checkpoint.save_params(f"{workdir}/best", tree, cfg, kind=kind)
   paths.write_text(f"{workdir}/config.json", cfg.to_json())
