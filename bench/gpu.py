@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
+import statistics
 import sys
 import time
 
@@ -74,19 +76,25 @@ def generation_table(args, cfg) -> None:
         jax.random.key(4))
     dit_params = cast_kernels(dit_params, dit.cfg.dtype)  # as the Generator holds them
     program = generation_programs(dit, vae, 1.0)[1]
+    call = functools.partial(lambda program, dit_params, steps, guided: jax.block_until_ready(program(
+        dit_params, vae_params, noise, tokens, steps, guided, jnp.float32(cfg.flow.cfg_scale), jnp.float32(0.0))),
+        program, dit_params, steps, guided)
     t0 = time.perf_counter()
-    call = lambda: jax.block_until_ready(
-        program(dit_params, vae_params, noise, tokens, steps, guided, jnp.float32(cfg.flow.cfg_scale), jnp.float32(0.0)))
     call()
-    first_s = time.perf_counter() - t0
-    seconds = median_time(call, args.reps, warmup=0)
     name = f"mean flow, {steps} step{'s' * (steps > 1)}" if mean_flow else f"Euler {steps} steps + CFG"
-    rows.append((name, steps * (2 if guided else 1), first_s, seconds))
-    del dit_params
-  base = rows[0][3]
+    rows.append((name, steps * (2 if guided else 1), time.perf_counter() - t0, call, []))
+  # The timed calls take turns (A B C A B C ...), so that a drift in the machine's speed, which on a shared VM
+  # moves by tens of percent over minutes, reaches every row alike.
+  for _ in range(args.reps):
+    for *_, call, times in rows:
+      t0 = time.perf_counter()
+      call()
+      times.append(time.perf_counter() - t0)
+  base = statistics.median(rows[0][4])
   print(f"\n| {float(cfg.data.audio_duration_s):g}-s generation + VAE decode, batch 1 | DiT rows (NFE x batch) "
-        f"| compile + first s | s | speed-up |\n|---|---|---|---|---|")
-  for name, rows_per, first_s, seconds in rows:
+        f"| compile + first s | s (median of {args.reps}, interleaved) | speed-up |\n|---|---|---|---|---|")
+  for name, rows_per, first_s, _, times in rows:
+    seconds = statistics.median(times)
     print(f"| {name} | {rows_per} | {first_s:.1f} | {seconds:.3f} | {base / seconds:.1f}x |", flush=True)
 
 

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from star_jax import sharding
 from star_jax.models.vae import (OobleckVAE, VAEConfig, decoded_length, hop_length, latent_length,
-                                 posterior_kl, sample_posterior)
+                                 posterior_kl, residual_tile, sample_posterior)
 
 # (diffusers AutoencoderOobleck kwargs, number of input samples): non-default ratios, odd lengths,
 # stereo, a posterior narrower than the decoder input, an odd stride and a stride of 1.
@@ -49,17 +49,20 @@ def _btc(t):
   return np.asarray(t.detach().numpy()).transpose(0, 2, 1)
 
 
+# time_tile 4: the residual units one time tile at a time (the CPU default at paper sizes; rounded up to each
+# decoder block's stride), so that every tile boundary, sequence end and odd stride meets the reference.
+@pytest.mark.parametrize("time_tile", [None, 4])
 @pytest.mark.parametrize("kwargs,num_samples", CONFIGS)
-def test_parity_with_diffusers(kwargs, num_samples):
+def test_parity_with_diffusers(kwargs, num_samples, time_tile):
   torch = pytest.importorskip("torch")
   from star_jax.convert.vae import from_torch
 
   model = _random_oobleck(kwargs)
   cfg, params = from_torch(model)
-  vae = OobleckVAE(cfg)
+  vae = OobleckVAE(cfg, time_tile=time_tile)
   channels = kwargs["audio_channels"]
   wav = torch.randn(2, channels, num_samples)
-  latents = torch.randn(2, kwargs["decoder_input_channels"], 5)
+  latents = torch.randn(2, kwargs["decoder_input_channels"], 7)
   with torch.no_grad():
     posterior = model.encode(wav).latent_dist
     ref_wav = model.decode(latents).sample
@@ -70,7 +73,7 @@ def test_parity_with_diffusers(kwargs, num_samples):
   out = out[..., None] if channels == 1 else out
 
   assert mean.shape[1] == latent_length(cfg, num_samples) == posterior.mean.shape[-1]
-  assert out.shape[1] == decoded_length(cfg, 5) == ref_wav.shape[-1]
+  assert out.shape[1] == decoded_length(cfg, 7) == ref_wav.shape[-1]
   np.testing.assert_allclose(mean, _btc(posterior.mean), atol=1e-4, rtol=0)
   np.testing.assert_allclose(std, _btc(posterior.std), atol=1e-4, rtol=0)
   np.testing.assert_allclose(out, _btc(ref_wav), atol=1e-4, rtol=0)
@@ -237,13 +240,47 @@ def test_bf16_compute_close_to_f32(tiny_params):
   assert float(jnp.abs(bf16 - f32).max()) <= 3e-2 * float(jnp.abs(f32).max())
 
 
-def test_sharded_equals_unsharded(mesh222, rules):
+def test_time_tiles_equal_untiled_with_gradients():
+  """The time-tiled residual units (CPU) against untiled: reconstruction and every parameter's gradient, f32.
+  Init's kernels with random biases and snakes (`tiny_params`' larger ones amplify f32 rounding: jit and eager
+  of the same untiled program differ by 1e-4 of the output there)."""
+  wav = jax.random.normal(jax.random.key(1), (2, 333))
+  params = nn.unbox(jax.jit(OobleckVAE(TINY, time_tile=0).init)(jax.random.key(0), wav)["params"])
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda a: a + rng.normal(0, 0.1, a.shape).astype(np.float32) if a.ndim == 1 else a, params)
+
+  def loss(p, time_tile):
+    out, mean, std = OobleckVAE(TINY, time_tile=time_tile).apply({"params": p}, wav)
+    return jnp.mean(jnp.square(out - wav[:, :out.shape[1]])) + posterior_kl(mean, std), out
+
+  (want, want_out), want_grads = jax.jit(jax.value_and_grad(partial(loss, time_tile=0), has_aux=True))(params)
+  (got, got_out), got_grads = jax.jit(jax.value_and_grad(partial(loss, time_tile=7), has_aux=True))(params)
+  close = lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()), rtol=0)
+  close(got_out, want_out)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  jax.tree.map(close, got_grads, want_grads)
+
+
+def test_time_tile_sizes():
+  """Paper decode of 10 s on CPU: tiles of 1025-2048 frames that divide each level's length and are multiples of
+  its stride; activations under 8 MB stay untiled; a requested tile is rounded up to the stride, 0 is untiled."""
+  levels = [(5000, 512, 10), (30000, 256, 6), (120000, 128, 4), (240000, 128, 2)]  # frames, channels, stride
+  tiles = [residual_tile(None, n, c, s) for n, c, s in levels]
+  assert tiles == [1250, 1500, 2000, 2000]
+  assert all(n % t == 0 and t % s == 0 for t, (n, _, s) in zip(tiles, levels))
+  assert residual_tile(None, 30001, 256, 6) == 2046  # no divisor: a multiple of the stride, the last tile padded
+  assert residual_tile(None, 8000, 16, 2) == 0  # tiny's 0.5-s crops: 0.5 MB
+  assert residual_tile(7, 1000, 4, 4) == 8 and residual_tile(0, 100000, 128, 4) == 0
+
+
+@pytest.mark.parametrize("time_tile", [None, 8])
+def test_sharded_equals_unsharded(mesh222, rules, time_tile):
   cfg = dataclasses.replace(TINY, encoder_hidden_size=8, decoder_channels=8, latent_channels=4)
   params, shardings = sharding.init_sharded(lambda r: OobleckVAE(cfg).init(r, jnp.zeros((1, 40)))["params"],
                                             mesh222, rules, jax.random.key(0))
   assert shardings["encoder"]["block_0"]["res_0"]["conv1"]["kernel"].spec == P(None, "fsdp", "tensor")
   wav = jax.random.normal(jax.random.key(1), (4, 70))
-  vae = OobleckVAE(cfg)
+  vae = OobleckVAE(cfg, time_tile=time_tile)
 
   def run(p, w):
     mean, std = vae.apply({"params": p}, w, method="encode")

@@ -92,7 +92,9 @@ def _bias(module: nn.Module, features: int, axis: str | None = "conv_out") -> ja
 class Conv(nn.Module):
   """1-D conv, channels-last: (B, T, C_in) -> (B, T', features) in f32; kernel (K, C_in, C_out).
 
-  Symmetric zero padding `padding`; inputs in `dtype`, f32 accumulation.
+  Symmetric zero padding `padding`; inputs in `dtype`, f32 accumulation. `taps_as_dots` (stride 1 only)
+  computes it as one matmul per kernel tap over shifted slices, summed: the time-tiled residual units' form
+  on CPU, where XLA's convolution runs bf16 at the f32 rate but its matmuls run at the bf16 rate.
   """
   features: int
   kernel_size: int
@@ -102,16 +104,26 @@ class Conv(nn.Module):
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   axes: tuple[str | None, ...] = CONV_AXES
+  taps_as_dots: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = _kernel(self, (self.kernel_size, x.shape[-1], self.features), self.axes)
-    # XLA's CPU convolution runs these shapes at the f32 matmul rate; an im2col matmul (shifted slices
-    # + one dot) measured 1.5-2.5x slower in f32 and no faster in bf16 (bench/RESULTS.md).
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype), (self.stride,), [(self.padding, self.padding)],
-        rhs_dilation=(self.dilation,), dimension_numbers=("NWC", "WIO", "NWC"),
-        preferred_element_type=jnp.float32)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if self.taps_as_dots and self.stride == 1:
+      x = jnp.pad(x, ((0, 0), (self.padding, self.padding), (0, 0)))
+      length = x.shape[1] - self.dilation * (self.kernel_size - 1)
+      shifted = lambda a, k: a[:, k * self.dilation:k * self.dilation + length]
+      if self.kernel_size * self.features <= 64:  # a few outputs (the last conv): one dot, then shifted sums
+        z = jax.lax.dot_general(x, kernel, (((2,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        y = sum(shifted(z[:, :, k], k) for k in range(self.kernel_size))  # z: (B, T, K, F)
+      else:
+        y = sum(jax.lax.dot_general(shifted(x, k), kernel[k], (((2,), (0,)), ((), ())),
+                                    preferred_element_type=jnp.float32) for k in range(self.kernel_size))
+    else:
+      y = jax.lax.conv_general_dilated(
+          x, kernel, (self.stride,), [(self.padding, self.padding)], rhs_dilation=(self.dilation,),
+          dimension_numbers=("NWC", "WIO", "NWC"), preferred_element_type=jnp.float32)
     if self.use_bias:
       y = y + _bias(self, self.features, self.axes[2])
     return y
@@ -128,36 +140,98 @@ class ConvTransposeUp(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    s, (b, length, c) = self.stride, x.shape
+  def __call__(self, x: jax.Array, crop: bool = True) -> jax.Array:
+    """crop=False: x holds input frames m0−1 … m0+n−1 and the result is output blocks m0 … m0+n−1, uncropped
+    ((B, n·s, F); block m is output m·s − p …); the time-tiled decoder block reads it one window at a time."""
+    s, c = self.stride, x.shape[-1]
     kernel = _kernel(self, (2 * s, c, self.features))
     # (2s, C, F) -> rows [W[:s] | W[s:]] as (2C, s·F), column r·F + f is phase r of output channel f.
     w = kernel.reshape(2, s, c, self.features).transpose(0, 2, 1, 3).reshape(2 * c, s * self.features)
     x = x.astype(self.dtype)
-    x_pairs = jnp.concatenate([jnp.pad(x, ((0, 0), (0, 1), (0, 0))),   # x[m]
-                               jnp.pad(x, ((0, 0), (1, 0), (0, 0)))],  # x[m - 1]
-                              axis=-1)
+    if crop:
+      x = jnp.pad(x, ((0, 0), (1, 1), (0, 0)))  # frames −1 … L: blocks 0 … L
+    x_pairs = jnp.concatenate([x[:, 1:], x[:, :-1]], axis=-1)  # x[m] ‖ x[m − 1]
     y = jax.lax.dot_general(x_pairs, w.astype(self.dtype), (((2,), (0,)), ((), ())),
                             preferred_element_type=jnp.float32)
-    y = y.reshape(b, (length + 1) * s, self.features)
-    p = _pad(s)
-    y = y[:, p:(length + 1) * s - p]
+    y = y.reshape(x.shape[0], x_pairs.shape[1] * s, self.features)
+    if crop:
+      p = _pad(s)
+      y = y[:, p:y.shape[1] - p]
     return y + _bias(self, self.features)
 
 
 class ResidualUnit(nn.Module):
-  """x + conv_k1(snake(conv_k7_dilated(snake(x)))), length-preserving."""
+  """x + conv_k1(snake(conv_k7_dilated(snake(x)))), length-preserving.
+
+  With `with_halo` (a time tile, on CPU), x carries 3·dilation extra frames on each side (the neighbours, or
+  zeros past the ends) and the result is the unit over the frames between them: (B, L + 6·dilation, C) ->
+  (B, L, C), its convs as matmuls (`Conv.taps_as_dots`).
+  """
   dilation: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    c = x.shape[-1]
+  def __call__(self, x: jax.Array, with_halo: bool = False) -> jax.Array:
+    c, halo = x.shape[-1], 3 * self.dilation
     h = SnakeBeta(name="snake1")(x)
-    h = Conv(c, 7, dilation=self.dilation, padding=3 * self.dilation, dtype=self.dtype, name="conv1")(h)
+    h = Conv(c, 7, dilation=self.dilation, padding=0 if with_halo else halo, dtype=self.dtype,
+             taps_as_dots=with_halo, name="conv1")(h)
     h = SnakeBeta(name="snake2")(h)
-    h = Conv(c, 1, dtype=self.dtype, name="conv2")(h)
+    h = Conv(c, 1, dtype=self.dtype, taps_as_dots=with_halo, name="conv2")(h)
+    if with_halo:
+      return x[:, halo:x.shape[1] - halo] + h
     return constrain(x + h, ACT)
+
+
+def residual_tile(requested: int | None, length: int, channels: int, stride: int = 1) -> int:
+  """Frames per tile of a block's residual units over `length` frames of `channels`, a multiple of the block's
+  upsampling `stride`: `requested` (rounded up to one; 0 = untiled), else on CPU, for activations of 8 MB and
+  more, 1025-2048 frames (the tile's activations stay in cache and its 2 x 39 halo frames cost a few percent;
+  the best measured at every level of the paper decoder, bench/RESULTS.md), a divisor of `length` where there
+  is one; else 0."""
+  if requested is not None:
+    return -(-requested // stride) * stride
+  if jax.default_backend() != "cpu" or length * channels * 4 < 2 ** 23:
+    return 0
+  target = 2048
+  near = (t for t in range(target, target // 2, -1) if length % t == 0 and t % stride == 0)
+  return next(near, target - target % stride)
+
+
+DILATIONS = (1, 3, 9)  # each block's residual units
+HALO = 3 * sum(DILATIONS)  # frames on each side that a block's three units read: 39
+
+
+def _residual_units(block: nn.Module, x: jax.Array) -> jax.Array:
+  """`block.res` in turn over (B, T, C), untiled."""
+  for unit in block.res:
+    x = unit(x)
+  return x
+
+
+def _tiled_units(block: nn.Module, window, length: int) -> jax.Array:
+  """`block.res` over a sequence of `length` frames, one time tile of `block.tile` frames at a time, all three
+  units per tile, so that the tile's activations stay in cache between the units. `window(mdl, i)` gives the
+  units' input at frames i·tile − HALO … i·tile + tile + HALO (any values past the ends: they are zeroed here,
+  as the convs' zero padding would make them, and again between the units). Same math as untiled."""
+  tile = block.tile
+
+  def one_tile(mdl, carry, i):
+    w, start = window(mdl, i), i * tile - HALO  # start: sequence position of w's first frame
+    for j, unit in enumerate((None, *mdl.res)):
+      if unit is not None:
+        w = unit(w, with_halo=True)
+        start += 3 * unit.dilation
+      if j < len(mdl.res):
+        pos = start + jnp.arange(w.shape[1])
+        w = jnp.where(((pos >= 0) & (pos < length))[None, :, None], w, 0.0)
+    return carry, w
+
+  n = -(-length // tile)
+  scan = nn.scan(one_tile, variable_broadcast="params", split_rngs={"params": False}, length=n)
+  _, tiles = scan(block, None, jnp.arange(n))  # (n, B, tile, C)
+  b, c = tiles.shape[1], tiles.shape[3]
+  return constrain(tiles.transpose(1, 0, 2, 3).reshape(b, n * tile, c)[:, :length], ACT)
 
 
 class EncoderBlock(nn.Module):
@@ -165,15 +239,24 @@ class EncoderBlock(nn.Module):
   features: int
   stride: int
   dtype: Dtype = jnp.float32
+  tile: int = 0  # time tile of the residual units (`residual_tile`); 0: untiled
 
-  @nn.compact
+  def setup(self):
+    self.res = [ResidualUnit(d, self.dtype) for d in DILATIONS]
+    self.snake = SnakeBeta()
+    self.conv = Conv(self.features, 2 * self.stride, stride=self.stride, padding=_pad(self.stride),
+                     dtype=self.dtype)
+
   def __call__(self, x: jax.Array) -> jax.Array:
-    for j, dilation in enumerate((1, 3, 9)):
-      x = ResidualUnit(dilation, self.dtype, name=f"res_{j}")(x)
-    x = SnakeBeta(name="snake")(x)
-    x = Conv(self.features, 2 * self.stride, stride=self.stride, padding=_pad(self.stride), dtype=self.dtype,
-             name="conv")(x)
-    return constrain(x, ACT)
+    length = x.shape[1]
+    if self.tile and length > self.tile:
+      n = -(-length // self.tile)
+      x_padded = jnp.pad(x, ((0, 0), (HALO, HALO + n * self.tile - length), (0, 0)))
+      window = lambda mdl, i: jax.lax.dynamic_slice_in_dim(x_padded, i * self.tile, self.tile + 2 * HALO, 1)
+      x = _tiled_units(self, window, length)
+    else:
+      x = _residual_units(self, x)
+    return constrain(self.conv(self.snake(x)), ACT)
 
 
 class DecoderBlock(nn.Module):
@@ -181,19 +264,38 @@ class DecoderBlock(nn.Module):
   features: int
   stride: int
   dtype: Dtype = jnp.float32
+  tile: int = 0  # time tile of the residual units (`residual_tile`); 0: untiled
 
-  @nn.compact
+  def setup(self):
+    self.snake = SnakeBeta()
+    self.conv_t = ConvTransposeUp(self.features, self.stride, self.dtype)
+    self.res = [ResidualUnit(d, self.dtype) for d in DILATIONS]
+
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = SnakeBeta(name="snake")(x)
-    x = constrain(ConvTransposeUp(self.features, self.stride, self.dtype, name="conv_t")(x), ACT)
-    for j, dilation in enumerate((1, 3, 9)):
-      x = ResidualUnit(dilation, self.dtype, name=f"res_{j}")(x)
-    return x
+    s, p, frames = self.stride, _pad(self.stride), x.shape[1]
+    length = frames * s + s - 2 * p
+    if not (self.tile and length > self.tile):
+      return _residual_units(self, constrain(self.conv_t(self.snake(x)), ACT))
+    # Tiled: each tile upsamples its own window. Output u is uncropped u + p, in block (u + p) // s; the
+    # window of tile i starts at u = i·tile − HALO, in block i·tile/s + first, `offset` samples in.
+    first, offset = divmod(p - HALO, s)
+    blocks = -(-(offset + self.tile + 2 * HALO) // s)
+    n = -(-length // self.tile)
+    front = 1 - first  # zero frames before frame 0, so that the first window's frame m0 − 1 exists
+    back = max(0, (n - 1) * self.tile // s + first + blocks - frames)
+    x_padded = jnp.pad(self.snake(x), ((0, 0), (front, back), (0, 0)))
+
+    def window(mdl, i):
+      frames_i = jax.lax.dynamic_slice_in_dim(x_padded, i * (self.tile // s) + first - 1 + front, blocks + 1, 1)
+      return mdl.conv_t(frames_i, crop=False)[:, offset:offset + self.tile + 2 * HALO]
+
+    return _tiled_units(self, window, length)
 
 
 class Encoder(nn.Module):
   """(B, T, A) -> (B, L, 2·P) = mean ‖ scale: conv k7 -> blocks -> snake -> conv k3."""
   cfg: VAEConfig
+  time_tile: int | None = None  # see `residual_tile`
 
   @nn.compact
   def __call__(self, wav_bta: jax.Array) -> jax.Array:
@@ -201,7 +303,8 @@ class Encoder(nn.Module):
     widths = [cfg.encoder_hidden_size * m for m in (1,) + cfg.channel_multiples]
     x = Conv(widths[0], 7, padding=3, dtype=dtype, axes=(None, None, "conv_out"), name="conv_in")(wav_bta)
     for i, s in enumerate(cfg.downsampling_ratios):
-      x = EncoderBlock(widths[i + 1], s, dtype, name=f"block_{i}")(x)
+      tile = residual_tile(self.time_tile, x.shape[1], widths[i])
+      x = EncoderBlock(widths[i + 1], s, dtype, tile, name=f"block_{i}")(x)
     x = SnakeBeta(name="snake_out")(x)
     return Conv(2 * cfg.encoder_latent_channels, 3, padding=1, dtype=dtype, name="conv_out")(x)
 
@@ -209,6 +312,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
   """(B, L, C) -> (B, T, A): conv k7 -> blocks (strides reversed) -> snake -> conv k7 without bias, no tanh."""
   cfg: VAEConfig
+  time_tile: int | None = None  # see `residual_tile`
 
   @nn.compact
   def __call__(self, latents_bld: jax.Array) -> jax.Array:
@@ -217,19 +321,26 @@ class Decoder(nn.Module):
     x = Conv(widths[-1], 7, padding=3, dtype=dtype, name="conv_in")(latents_bld)
     n = len(cfg.downsampling_ratios)
     for i, s in enumerate(reversed(cfg.downsampling_ratios)):
-      x = DecoderBlock(widths[n - 1 - i], s, dtype, name=f"block_{i}")(x)
+      width = widths[n - 1 - i]
+      tile = residual_tile(self.time_tile, x.shape[1] * s + s - 2 * _pad(s), width, s)
+      x = DecoderBlock(width, s, dtype, tile, name=f"block_{i}")(x)
     x = SnakeBeta(name="snake_out")(x)
+    # With the last block tiled (CPU), the last conv is one matmul to its 7 taps too (XLA's conv: 84 ms, 10 s).
     return Conv(cfg.audio_channels, 7, padding=3, use_bias=False, dtype=dtype, axes=(None, "conv_in", None),
-                name="conv_out")(x)
+                taps_as_dots=tile > 0, name="conv_out")(x)
 
 
 class OobleckVAE(nn.Module):
-  """The VAE: `encode` (wav -> posterior mean, std), `decode` (latents -> wav), `__call__` = both."""
+  """The VAE: `encode` (wav -> posterior mean, std), `decode` (latents -> wav), `__call__` = both.
+
+  `time_tile`: frames per tile of the residual units (`residual_tile`): None picks by backend, 0 turns tiling off.
+  """
   cfg: VAEConfig
+  time_tile: int | None = None
 
   def setup(self):
-    self.encoder = Encoder(self.cfg)
-    self.decoder = Decoder(self.cfg)
+    self.encoder = Encoder(self.cfg, self.time_tile)
+    self.decoder = Decoder(self.cfg, self.time_tile)
 
   def encode(self, wav_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(B, T) or (B, T, A) waveform -> posterior (mean, std), each (B, L, P); std = softplus(scale) + 1e-4."""
