@@ -69,6 +69,7 @@ def generation_table(args, cfg) -> None:
   noise = jax.random.normal(jax.random.key(2), (1, frames, int(cfg.vae.latent_channels)))
   vae = build.vae(cfg)
   vae_params = jax.jit(lambda k: nn.unbox(build.init_vae(cfg, k)).get("vae", {}))(jax.random.key(3))
+  vae_params = cast_kernels(vae_params, cfg.vae.dtype) if vae_params else vae_params  # as the Generator holds them
   rows = []
   for mean_flow, steps, guided in ((False, int(cfg.flow.num_steps), True), (True, 1, False), (True, 2, False)):
     dit = DiT(dataclasses.replace(build.dit_config(cfg), mean_flow=mean_flow))

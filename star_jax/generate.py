@@ -131,6 +131,8 @@ class Generator:
     self.params["dit"] = cast_kernels(self.params["dit"], self.dit.cfg.dtype)  # no per-call cast
     self.vae = build.vae(cfg)  # Oobleck, or the fixed mel codec (no params)
     self.vae_params = self.params.get("vae", {})
+    if self.vae_params:  # Oobleck: its kernels held in its compute dtype too
+      self.vae_params = self.params["vae"] = cast_kernels(self.vae_params, self.vae.cfg.dtype)
     self.sample_rate_hz = int(cfg.vae.sample_rate_hz)
     self.hop = build.vae_hop(cfg)
     self.latent_scale = build.latent_scale(cfg)

@@ -231,7 +231,9 @@ def _tiled_units(block: nn.Module, window, length: int) -> jax.Array:
   scan = nn.scan(one_tile, variable_broadcast="params", split_rngs={"params": False}, length=n)
   _, tiles = scan(block, None, jnp.arange(n))  # (n, B, tile, C)
   b, c = tiles.shape[1], tiles.shape[3]
-  return constrain(tiles.transpose(1, 0, 2, 3).reshape(b, n * tile, c)[:, :length], ACT)
+  if b > 1:  # at batch 1 the tiles are already in time order (XLA copies even a size-1 transpose here)
+    tiles = tiles.transpose(1, 0, 2, 3)
+  return constrain(tiles.reshape(b, n * tile, c)[:, :length], ACT)
 
 
 class EncoderBlock(nn.Module):
