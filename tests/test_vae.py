@@ -262,14 +262,16 @@ def test_time_tiles_equal_untiled_with_gradients():
 
 
 def test_time_tile_sizes():
-  """Paper decode of 10 s on CPU: tiles of 1025-2048 frames that divide each level's length and are multiples of
-  its stride; activations under 8 MB stay untiled; a requested tile is rounded up to the stride, 0 is untiled."""
+  """Paper decode of 10 s on CPU in bf16: tiles of 1025-2048 frames that divide each level's length and are
+  multiples of its stride; f32 and activations under 8 MB stay untiled; a requested tile is rounded up to the
+  stride, 0 is untiled."""
   levels = [(5000, 512, 10), (30000, 256, 6), (120000, 128, 4), (240000, 128, 2)]  # frames, channels, stride
   tiles = [residual_tile(None, n, c, s) for n, c, s in levels]
   assert tiles == [1250, 1500, 2000, 2000]
   assert all(n % t == 0 and t % s == 0 for t, (n, _, s) in zip(tiles, levels))
   assert residual_tile(None, 30001, 256, 6) == 2046  # no divisor: a multiple of the stride, the last tile padded
   assert residual_tile(None, 8000, 16, 2) == 0  # tiny's 0.5-s crops: 0.5 MB
+  assert residual_tile(None, 240000, 128, 2, jnp.float32) == 0  # f32: XLA's convolution is as fast
   assert residual_tile(7, 1000, 4, 4) == 8 and residual_tile(0, 100000, 128, 4) == 0
 
 

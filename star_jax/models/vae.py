@@ -183,15 +183,17 @@ class ResidualUnit(nn.Module):
     return constrain(x + h, ACT)
 
 
-def residual_tile(requested: int | None, length: int, channels: int, stride: int = 1) -> int:
+def residual_tile(requested: int | None, length: int, channels: int, stride: int = 1,
+                  dtype: Dtype = jnp.bfloat16) -> int:
   """Frames per tile of a block's residual units over `length` frames of `channels`, a multiple of the block's
-  upsampling `stride`: `requested` (rounded up to one; 0 = untiled), else on CPU, for activations of 8 MB and
-  more, 1025-2048 frames (the tile's activations stay in cache and its 2 x 39 halo frames cost a few percent;
-  the best measured at every level of the paper decoder, bench/RESULTS.md), a divisor of `length` where there
-  is one; else 0."""
+  upsampling `stride`: `requested` (rounded up to one; 0 = untiled), else on CPU in a 16-bit compute `dtype`,
+  for activations of 8 MB and more, 1025-2048 frames (the tile's activations stay in cache and its 2 x 39
+  halo frames cost a few percent; the best measured at every level of the paper decoder, bench/RESULTS.md),
+  a divisor of `length` where there is one; else 0. (In f32, XLA's convolution is as fast as the tiles.)"""
   if requested is not None:
     return -(-requested // stride) * stride
-  if jax.default_backend() != "cpu" or length * channels * 4 < 2 ** 23:
+  if (jax.default_backend() != "cpu" or jnp.dtype(dtype).itemsize > 2
+      or length * channels * 4 < 2 ** 23):
     return 0
   target = 2048
   near = (t for t in range(target, target // 2, -1) if length % t == 0 and t % stride == 0)
@@ -305,7 +307,7 @@ class Encoder(nn.Module):
     widths = [cfg.encoder_hidden_size * m for m in (1,) + cfg.channel_multiples]
     x = Conv(widths[0], 7, padding=3, dtype=dtype, axes=(None, None, "conv_out"), name="conv_in")(wav_bta)
     for i, s in enumerate(cfg.downsampling_ratios):
-      tile = residual_tile(self.time_tile, x.shape[1], widths[i])
+      tile = residual_tile(self.time_tile, x.shape[1], widths[i], dtype=dtype)
       x = EncoderBlock(widths[i + 1], s, dtype, tile, name=f"block_{i}")(x)
     x = SnakeBeta(name="snake_out")(x)
     return Conv(2 * cfg.encoder_latent_channels, 3, padding=1, dtype=dtype, name="conv_out")(x)
@@ -324,7 +326,7 @@ class Decoder(nn.Module):
     n = len(cfg.downsampling_ratios)
     for i, s in enumerate(reversed(cfg.downsampling_ratios)):
       width = widths[n - 1 - i]
-      tile = residual_tile(self.time_tile, x.shape[1] * s + s - 2 * _pad(s), width, s)
+      tile = residual_tile(self.time_tile, x.shape[1] * s + s - 2 * _pad(s), width, s, dtype)
       x = DecoderBlock(width, s, dtype, tile, name=f"block_{i}")(x)
     x = SnakeBeta(name="snake_out")(x)
     # With the last block tiled (CPU), the last conv is one matmul to its 7 taps too (XLA's conv: 84 ms, 10 s).
@@ -335,7 +337,8 @@ class Decoder(nn.Module):
 class OobleckVAE(nn.Module):
   """The VAE: `encode` (wav -> posterior mean, std), `decode` (latents -> wav), `__call__` = both.
 
-  `time_tile`: frames per tile of the residual units (`residual_tile`): None picks by backend, 0 turns tiling off.
+  `time_tile`: frames per tile of the residual units (`residual_tile`): None picks by backend, dtype and size;
+  0 turns tiling off.
   """
   cfg: VAEConfig
   time_tile: int | None = None
