@@ -218,15 +218,17 @@ def _tiled_units(block: nn.Module, window, length: int) -> jax.Array:
   as the convs' zero padding would make them, and again between the units). Same math as untiled."""
   tile = block.tile
 
+  def zero_past_ends(w, start):  # start: the sequence position of w's first frame
+    pos = start + jnp.arange(w.shape[1])
+    return jnp.where(((pos >= 0) & (pos < length))[None, :, None], w, 0.0)
+
   def one_tile(mdl, carry, i):
-    w, start = window(mdl, i), i * tile - HALO  # start: sequence position of w's first frame
-    for j, unit in enumerate((None, *mdl.res)):
-      if unit is not None:
-        w = unit(w, with_halo=True)
-        start += 3 * unit.dilation
-      if j < len(mdl.res):
-        pos = start + jnp.arange(w.shape[1])
-        w = jnp.where(((pos >= 0) & (pos < length))[None, :, None], w, 0.0)
+    start = i * tile - HALO
+    w = zero_past_ends(window(mdl, i), start)
+    for j, unit in enumerate(mdl.res):
+      w, start = unit(w, with_halo=True), start + 3 * unit.dilation
+      if j < len(mdl.res) - 1:  # the last unit's frames past the end are cropped below
+        w = zero_past_ends(w, start)
     return carry, w
 
   n = -(-length // tile)
