@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import os
 import statistics
 import sys
@@ -77,9 +76,9 @@ def generation_table(args, cfg) -> None:
         jax.random.key(4))
     dit_params = cast_kernels(dit_params, dit.cfg.dtype)  # as the Generator holds them
     program = generation_programs(dit, vae, 1.0)[1]
-    call = functools.partial(lambda program, dit_params, steps, guided: jax.block_until_ready(program(
-        dit_params, vae_params, noise, tokens, steps, guided, jnp.float32(cfg.flow.cfg_scale), jnp.float32(0.0))),
-        program, dit_params, steps, guided)
+    def call(program=program, dit_params=dit_params, steps=steps, guided=guided):  # this row's, not the last's
+      jax.block_until_ready(program(dit_params, vae_params, noise, tokens, steps, guided,
+                                    jnp.float32(cfg.flow.cfg_scale), jnp.float32(0.0)))
     t0 = time.perf_counter()
     call()
     name = f"mean flow, {steps} step{'s' * (steps > 1)}" if mean_flow else f"Euler {steps} steps + CFG"
