@@ -13,6 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from star_jax import sharding
+from star_jax.models import vae as vae_module
 from star_jax.models.vae import (OobleckVAE, VAEConfig, decoded_length, hop_length, latent_length,
                                  posterior_kl, residual_tile, sample_posterior)
 
@@ -263,10 +264,11 @@ def test_time_tiles_equal_untiled_with_gradients():
   jax.tree.map(close, got_grads["decoder"], want_grads["decoder"])
 
 
-def test_time_tile_sizes():
-  """Paper decode of 10 s on CPU in bf16: tiles of 1025-2048 frames that divide each level's length and are
-  multiples of its stride; f32 and activations under 8 MB stay untiled; a requested tile is rounded up to the
-  stride, 0 is untiled."""
+def test_time_tile_sizes(monkeypatch):
+  """Paper decode of 10 s on a CPU with bf16 dot instructions, in bf16: tiles of 1025-2048 frames that divide
+  each level's length and are multiples of its stride; f32, activations under 8 MB and CPUs without those
+  instructions stay untiled; a requested tile is rounded up to the stride, 0 is untiled."""
+  monkeypatch.setattr(vae_module, "cpu_has_bf16_dot", lambda: True)
   levels = [(5000, 512, 10), (30000, 256, 6), (120000, 128, 4), (240000, 128, 2)]  # frames, channels, stride
   tiles = [residual_tile(None, n, c, s) for n, c, s in levels]
   assert tiles == [1250, 1500, 2000, 2000]
@@ -274,7 +276,20 @@ def test_time_tile_sizes():
   assert residual_tile(None, 30001, 256, 6) == 2046  # no divisor: a multiple of the stride, the last tile padded
   assert residual_tile(None, 8000, 16, 2) == 0  # tiny's 0.5-s crops: 0.5 MB
   assert residual_tile(None, 240000, 128, 2, jnp.float32) == 0  # f32: XLA's convolution is as fast
+  assert residual_tile(None, 240000, 128, 2, jnp.float16) == 0  # measured for bf16 only
   assert residual_tile(7, 1000, 4, 4) == 8 and residual_tile(0, 100000, 128, 4) == 0
+  monkeypatch.setattr(vae_module, "cpu_has_bf16_dot", lambda: False)  # bf16 matmuls below the f32 rate
+  assert residual_tile(None, 240000, 128, 2) == 0 and residual_tile(7, 1000, 4, 4) == 8
+
+
+def test_cpu_has_bf16_dot(tmp_path):
+  """The CPU flags that turn the time tiles on: x86 AVX512-BF16 or AMX-BF16, Arm BF16; none, or no cpuinfo: off."""
+  cases = {"flags\t\t: fpu sse2 avx2 fma f16c": False, "flags\t\t: fpu avx2 avx512f avx512_bf16 vaes": True,
+           "flags\t\t: fpu avx2 amx_bf16 amx_tile": True, "Features\t: fp asimd sve i8mm bf16": True}
+  for i, (line, has) in enumerate(cases.items()):
+    (tmp_path / f"cpuinfo{i}").write_text(f"processor\t: 0\n{line}\n\nprocessor\t: 1\n{line}\n")
+    assert vae_module.cpu_has_bf16_dot(str(tmp_path / f"cpuinfo{i}")) is has, line
+  assert vae_module.cpu_has_bf16_dot(str(tmp_path / "missing")) is False
 
 
 @pytest.mark.parametrize("time_tile", [None, 8])

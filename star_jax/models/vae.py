@@ -15,6 +15,7 @@ s loses one sample at its level, as in the reference).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -183,17 +184,31 @@ class ResidualUnit(nn.Module):
     return constrain(x + h, ACT)
 
 
+@functools.cache
+def cpu_has_bf16_dot(cpuinfo: str = "/proc/cpuinfo") -> bool:
+  """Whether this host's CPU has bf16 dot-product instructions (x86 AVX512-BF16 or AMX-BF16, Arm BF16), read
+  from Linux's `cpuinfo`; False where that cannot be read. Without them XLA's CPU matmuls convert bf16 to f32 and
+  run below their f32 rate, and the VAE's time tiles are slower than XLA's convolution (bench/RESULTS.md)."""
+  try:
+    with open(cpuinfo) as f:
+      words = set(f.read().split())
+  except OSError:
+    return False
+  return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def residual_tile(requested: int | None, length: int, channels: int, stride: int = 1,
                   dtype: Dtype = jnp.bfloat16) -> int:
   """Frames per tile of a block's residual units over `length` frames of `channels`, a multiple of the block's
-  upsampling `stride`: `requested` (rounded up to one; 0 = untiled), else on CPU in a 16-bit compute `dtype`,
-  for activations of 8 MB and more, 1025-2048 frames (the tile's activations stay in cache and its 2 x 39
-  halo frames cost a few percent; the best measured at every level of the paper decoder, bench/RESULTS.md),
-  a divisor of `length` where there is one; else 0. (In f32, XLA's convolution is as fast as the tiles.)"""
+  upsampling `stride`: `requested` (rounded up to one; 0 = untiled), else in bf16 on a CPU with bf16 dot
+  instructions (`cpu_has_bf16_dot`), for activations of 8 MB and more, 1025-2048 frames (the tile's activations
+  stay in cache and its 2 x 39 halo frames cost a few percent; the best measured at every level of the paper
+  decoder, bench/RESULTS.md), a divisor of `length` where there is one; else 0. (In f32, and in bf16 on a CPU
+  without those instructions, XLA's convolution is faster than the tiles.)"""
   if requested is not None:
     return -(-requested // stride) * stride
-  if (jax.default_backend() != "cpu" or jnp.dtype(dtype).itemsize > 2
-      or length * channels * 4 < 2 ** 23):
+  if (jax.default_backend() != "cpu" or jnp.dtype(dtype) != jnp.bfloat16
+      or length * channels * 4 < 2 ** 23 or not cpu_has_bf16_dot()):
     return 0
   target = 2048
   near = (t for t in range(target, target // 2, -1) if length % t == 0 and t % stride == 0)
