@@ -6,11 +6,13 @@ import re
 import subprocess
 import sys
 
+from conftest import TEST_XLA_FLAGS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_gpu_check_small_runs_every_part():
-  env = {**os.environ, "PYTHON": sys.executable, "XLA_FLAGS": ""}  # one CPU device, as on a one-GPU machine
+  env = {**os.environ, "PYTHON": sys.executable, "XLA_FLAGS": TEST_XLA_FLAGS}  # one CPU device
   proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu.sh"), "--small", "--steps", "1", "--reps", "1"],
                         capture_output=True, text=True, env=env, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]

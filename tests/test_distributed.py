@@ -13,6 +13,7 @@ from star_jax import distributed
 from star_jax.errors import UserError
 
 import distributed_worker  # tests/distributed_worker.py
+from conftest import TEST_XLA_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,8 +117,7 @@ def _free_port() -> int:
 def _run_workers(num_processes: int, *extra: str, timeout_s: float = 240) -> list[dict]:
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if not k.startswith(("STAR_", "SLURM_"))}
-  env.update(PYTHONPATH=REPO)
-  env.pop("XLA_FLAGS", None)
+  env.update(PYTHONPATH=REPO, XLA_FLAGS=TEST_XLA_FLAGS)
   worker = os.path.join(REPO, "tests", "distributed_worker.py")
   outputs = _run_together(
       [([sys.executable, worker, "--coordinator", f"localhost:{port}", "--num-processes", str(num_processes),
