@@ -1,5 +1,5 @@
-"""Test set-up: 8 simulated CPU devices, XLA's backend at -O0, one compilation cache per run, offline Hugging Face, parsed absl flags,
-mesh fixtures."""
+"""Test set-up: 8 simulated CPU devices, XLA's backend at -O0, one compilation cache per run, offline Hugging
+Face, parsed absl flags, mesh fixtures."""
 
 import atexit
 import os
@@ -9,8 +9,8 @@ import tempfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# XLA's LLVM backend at -O0: the tests' tiny programs spend most of their time compiling, and -O0 compiles them
-# in about half the time (a stage-2 step 12.5 -> 7.5-9.9 s) while running them a little slower. Set before the
+# XLA's LLVM backend at -O0: the tests' tiny programs spend most of their time compiling, and -O0 compiles a
+# stage-2 step in 7.5-9.9 s instead of 12.5 s, its init in about half the time (bench/RESULTS.md, 2026-12-07). Set before the
 # backend starts; subprocesses inherit it, and those that replace XLA_FLAGS (multi-host workers) pass this.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
