@@ -10,8 +10,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # XLA's LLVM backend at -O0: the tests' tiny programs spend most of their time compiling, and -O0 compiles a
-# stage-2 step in 7.5-9.9 s instead of 12.5 s, its init in about half the time (bench/RESULTS.md, 2026-12-07). Set before the
-# backend starts; subprocesses inherit it, and those that replace XLA_FLAGS (multi-host workers) pass this.
+# stage-2 step in 7.5-9.9 s instead of 12.5 s, its init in about half the time (bench/RESULTS.md, 2026-12-07).
+# Set before the backend starts; subprocesses inherit it, and those that replace XLA_FLAGS (multi-host workers)
+# pass TEST_XLA_FLAGS.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
