@@ -71,6 +71,14 @@ def rules():
   return TEST_RULES
 
 
+def worker_env(**extra) -> dict:
+  """The environment of a test's worker processes: this one's without the STAR_ and SLURM_ launch variables
+  (the launchers and `distributed` read them), XLA_FLAGS replaced by TEST_XLA_FLAGS (a developer's own flags,
+  a device count say, would fight the worker's), and `extra` on top."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("STAR_", "SLURM_"))}
+  return {**env, "XLA_FLAGS": TEST_XLA_FLAGS, **extra}
+
+
 def torch_or_skip():
   """Import torch, or skip the calling test cleanly when it is not installed."""
   return pytest.importorskip("torch")

@@ -13,7 +13,7 @@ from star_jax import distributed
 from star_jax.errors import UserError
 
 import distributed_worker  # tests/distributed_worker.py
-from conftest import TEST_XLA_FLAGS
+from conftest import worker_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,8 +116,7 @@ def _free_port() -> int:
 
 def _run_workers(num_processes: int, *extra: str, timeout_s: float = 240) -> list[dict]:
   port = _free_port()
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("STAR_", "SLURM_"))}
-  env.update(PYTHONPATH=REPO, XLA_FLAGS=TEST_XLA_FLAGS)
+  env = worker_env(PYTHONPATH=REPO)
   worker = os.path.join(REPO, "tests", "distributed_worker.py")
   outputs = _run_together(
       [([sys.executable, worker, "--coordinator", f"localhost:{port}", "--num-processes", str(num_processes),
@@ -175,10 +174,9 @@ def test_slurm_environment_joins_without_flags():
   port = str(_free_port())
   runs = []
   for i in range(2):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("STAR_", "SLURM_"))}
-    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", JAX_COORDINATOR_PORT=port,
-               SLURM_JOB_ID="77", SLURM_NTASKS="2", SLURM_PROCID=str(i), SLURM_LOCALID=str(i),
-               SLURM_STEP_NODELIST="localhost", SLURM_STEP_TASKS_PER_NODE="2")
+    env = worker_env(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", JAX_COORDINATOR_PORT=port,
+                     SLURM_JOB_ID="77", SLURM_NTASKS="2", SLURM_PROCID=str(i), SLURM_LOCALID=str(i),
+                     SLURM_STEP_NODELIST="localhost", SLURM_STEP_TASKS_PER_NODE="2")
     runs.append(([sys.executable, "-c", PROBE], env))
   for i, out in enumerate(_run_together(runs, timeout_s=120)):
     assert f"PROBE slurm 2 {i} 2" in out, out[-2000:]

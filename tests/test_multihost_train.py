@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import TEST_XLA_FLAGS
+from conftest import worker_env
 
 from star_jax import checkpoint
 from star_jax.train import loop
@@ -22,8 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def launch(num_processes, *args, cwd, logs, env_extra=None):
   """Start launch/local.sh N python tests/train_worker.py ARGS -> the running process, its output going to
   `logs`.out/.err (a pipe nobody reads while the caller works would fill and stall the workers)."""
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("STAR_", "SLURM_")) and k != "XLA_FLAGS"}
-  env.update(PYTHON=sys.executable, DEVICES="4", PYTHONPATH=ROOT, XLA_FLAGS=TEST_XLA_FLAGS, **(env_extra or {}))
+  env = worker_env(PYTHON=sys.executable, DEVICES="4", PYTHONPATH=ROOT, **(env_extra or {}))
   out, err = open(f"{logs}.out", "w+"), open(f"{logs}.err", "w+")
   run = subprocess.Popen([os.path.join(ROOT, "launch", "local.sh"), str(num_processes), sys.executable,
                           os.path.join(ROOT, "tests", "train_worker.py"), *args],
@@ -106,9 +105,7 @@ def test_two_process_stage1_on_gcs_validates_like_one(gcs, tmp_path):
 
 
 def _worker_env(**extra):
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("STAR_", "SLURM_")) and k != "XLA_FLAGS"}
-  env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=TEST_XLA_FLAGS, **extra)
-  return env
+  return worker_env(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **extra)
 
 
 def _wait_for_step(workdir, step, procs, timeout_s=900):  # a hang guard; a loaded 2-core machine is slow
